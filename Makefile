@@ -1,0 +1,55 @@
+# edgeqa: `make run` and `make test` each set up what they need on a fresh machine.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROFILE ?= demo
+PYTHON ?= python3
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export GX_ANALYTICS_ENABLED := false
+export HF_HUB_OFFLINE := 1
+
+.DEFAULT_GOAL := help
+.PHONY: help setup run test test-fast lint up down status bench clean
+
+help: ## show the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed ## create .venv: torch==2.13.0 (CPU) first, then the project pinned by constraints.txt
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+run: setup ## set up, start the local stack and run the pipeline through Prefect (PROFILE=demo|mtile|full)
+	$(VENV)/bin/edgeqa run --profile $(PROFILE)
+
+test: setup ## set up and run the whole test suite (starts its own stack on free ports)
+	$(VENV)/bin/pytest
+
+test-fast: setup ## only the tests not marked slow
+	$(VENV)/bin/pytest -m "not slow"
+
+lint: setup ## ruff and mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy tasks flows
+
+up: setup ## start SeaweedFS (S3) and the Prefect server on 127.0.0.1
+	$(VENV)/bin/edgeqa up
+
+down: setup ## stop the local stack (state is kept in .edgeqa/)
+	$(VENV)/bin/edgeqa down
+
+status: setup ## show the local stack's health
+	$(VENV)/bin/edgeqa status
+
+bench: setup ## measure what the pipeline built; write reports/bench/*.json (never retrains)
+	$(VENV)/bin/edgeqa bench
+
+clean: ## stop the stack and remove the venv and local state
+	-$(VENV)/bin/edgeqa down
+	rm -rf $(VENV) .edgeqa

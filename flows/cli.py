@@ -1,0 +1,143 @@
+"""`edgeqa`: the command line. Infrastructure (up/down/status), profiles, the pipeline run and benchmarks.
+
+Prefect is imported only inside the commands that need it, after PREFECT_API_URL points at the local server.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flows.stack import REPO, Stack, StackConfig, StackError
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
+profile_app = typer.Typer(help="Profiles: dotted-key overrides written into params.yaml (as `dvc exp run -S`).",
+                          no_args_is_help=True)
+app.add_typer(profile_app, name="profile")
+console = Console()
+
+
+def _stack() -> Stack:
+    return Stack(StackConfig.load())
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    console.print(f"[red]error:[/red] {msg}", markup=True, highlight=False)
+    raise typer.Exit(code)
+
+
+def use_stack_env(stack: Stack) -> None:
+    """Point this process's Prefect client and DVC/boto3 at the local stack (before importing prefect)."""
+    os.environ.update({k: v for k, v in stack.prefect_env().items()
+                       if k in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED")})
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+
+@app.command()
+def up() -> None:
+    """Start SeaweedFS (S3) and the Prefect server on 127.0.0.1, create buckets, configure the DVC remote."""
+    stack = _stack()
+    try:
+        status = stack.up()
+        stack.configure_dvc(REPO)
+    except StackError as exc:
+        _fail(str(exc))
+    _print_status(status)
+
+
+@app.command()
+def down() -> None:
+    """Stop the local stack and wait for a clean exit. State is kept under the state folder."""
+    _stack().down()
+    console.print("stack stopped")
+
+
+@app.command()
+def status() -> None:
+    """Show whether each service is up and healthy."""
+    _print_status(_stack().status())
+
+
+def _print_status(status: dict[str, str]) -> None:
+    t = Table("service", "state")
+    for k, v in status.items():
+        t.add_row(k, v)
+    console.print(t)
+
+
+@profile_app.command("list")
+def profile_list() -> None:
+    """List the profiles."""
+    from tasks.profiles import available
+
+    for name in available(REPO):
+        console.print(name)
+
+
+@profile_app.command("apply")
+def profile_apply(name: str, params: Annotated[Path, typer.Option(help="params file")] = REPO / "params.yaml") -> None:
+    """Write profile NAME into params.yaml (DVC's override mechanism), showing what changed."""
+    from tasks.config import ParamsError
+    from tasks.profiles import apply
+
+    try:
+        changes = apply(name, params, REPO)
+    except ParamsError as exc:
+        _fail(str(exc))
+    if not changes:
+        console.print(f"params.yaml already holds profile {name}")
+    for k, (old, new) in changes.items():
+        console.print(f"{k}: {old!r} -> {new!r}", highlight=False)
+
+
+@app.command()
+def run(profile: Annotated[str | None, typer.Option(help="apply this profile to params.yaml first")] = None,
+        push: Annotated[bool, typer.Option(help="dvc push the outputs to the S3 remote")] = True) -> None:
+    """Bring the stack up if needed and run the `edgeqa-pipeline` flow against the local Prefect server."""
+    from tasks.config import ParamsError, load_params
+
+    if profile:
+        profile_apply(profile)
+    try:
+        params = load_params(REPO / "params.yaml")
+    except ParamsError as exc:
+        _fail(str(exc))
+    stack = _stack()
+    try:
+        stack.up()
+        stack.configure_dvc(REPO)
+    except StackError as exc:
+        _fail(str(exc))
+    use_stack_env(stack)
+    from flows.pipeline import pipeline
+
+    flow = pipeline.with_options(result_storage=f"s3-bucket/{stack.cfg.prefect_block}", persist_result=True)
+    bench = str(Path(params.paths.bench_dir) / "pipeline.json")
+    state = flow(repo=str(REPO), push=push, bench_file=bench, return_state=True)
+    run_id = state.state_details.flow_run_id
+    url = f"{stack.cfg.prefect_ui_url}/runs/flow-run/{run_id}"
+    if state.is_completed():
+        console.print(f"[green]pipeline completed[/green]; the run in the Prefect UI: {url}", highlight=False)
+    else:
+        console.print(f"[red]pipeline {state.name}[/red]: {state.message}\nthe run in the Prefect UI: {url}",
+                      highlight=False)
+        raise typer.Exit(1)
+
+
+@app.command()
+def bench() -> None:
+    """Measure what the pipeline built and the stack's overheads; write reports/bench/*.json."""
+    from flows.bench import main as bench_main
+
+    sys.exit(bench_main())
+
+
+if __name__ == "__main__":
+    app()

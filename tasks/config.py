@@ -1,0 +1,205 @@
+"""Typed params: `params.yaml` is loaded once into pydantic models, one per stage section.
+
+Unknown keys and bad values are rejected with the key's dotted name and what is allowed.
+Nothing happens at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SPLITS = ("labelled", "unlabelled", "val", "test")
+GRID_WORDS = (
+    "upper left",
+    "top",
+    "upper right",
+    "left",
+    "center",
+    "right",
+    "lower left",
+    "bottom",
+    "lower right",
+)
+
+
+class ParamsError(ValueError):
+    """A params file that cannot be used; the message names the dotted key and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class PathsConfig(_Section):
+    """Every stage path. dvc.yaml templates its deps/outs from here, so code and DAG cannot drift."""
+
+    synth_dir: str
+    ingest_dir: str
+    reports_dir: str
+    bench_dir: str
+
+
+class SynthCategory(_Section):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    kind: Literal["object", "texture"]
+    defect_types: list[str] = Field(min_length=3)
+
+    @field_validator("defect_types")
+    @classmethod
+    def _known_types(cls, v: list[str]) -> list[str]:
+        allowed = {"crack", "scratch", "contamination", "broken", "stain", "hole"}
+        bad = sorted(set(v) - allowed)
+        if bad:
+            raise ValueError(f"unknown synthetic defect type(s) {bad}; allowed: {sorted(allowed)}")
+        if len(set(v)) != len(v):
+            raise ValueError("defect types must be unique")
+        return v
+
+
+class SynthConfig(_Section):
+    seed: int = Field(ge=0)
+    image_size: int = Field(ge=64, le=1024)
+    categories: list[SynthCategory] = Field(min_length=1)
+    good_per_category: int = Field(ge=4)
+    defective_per_type: int = Field(ge=4)
+    defect_scale: tuple[Fraction, Fraction]
+    contrast: tuple[Fraction, Fraction]
+    speck_rate: float = Field(ge=0.0, le=20.0)
+    lighting_gradient: Fraction
+    max_shift: Fraction
+    noise_sigma: Fraction
+    workers: int = Field(ge=1, le=64)
+
+    @field_validator("defect_scale", "contrast")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not v[0] < v[1]:
+            raise ValueError(f"must be [low, high] with low < high, got {list(v)}")
+        return v
+
+
+class MaskFactsConfig(_Section):
+    """Thresholds that turn a mask into words (size class, shape, polarity)."""
+
+    size_classes: dict[str, Fraction] = Field(min_length=2)
+    elongated_ratio: float = Field(gt=1.0)
+    polarity_min_delta: float = Field(ge=0.0, le=255.0)
+
+    @field_validator("size_classes")
+    @classmethod
+    def _increasing(cls, v: dict[str, float]) -> dict[str, float]:
+        vals = list(v.values())
+        if vals != sorted(vals) or len(set(vals)) != len(vals):
+            raise ValueError("upper bounds must increase strictly, e.g. {tiny: 0.002, small: 0.01, large: 1.0}")
+        if vals[-1] != 1.0:
+            raise ValueError("the last size class must have upper bound 1.0 so every mask gets a class")
+        return v
+
+
+class IngestConfig(_Section):
+    adapter: Literal["mvtec", "magnetic_tile", "folder"]
+    root: str
+    dataset: str = Field(pattern=r"^[a-z][a-z0-9_-]*$")
+    defect_types: list[str] | None = None
+    good_class: str = "good"
+    category: str | None = None
+    mask_dir: str | None = None
+    mask_suffix: str = ""
+    image_exts: list[str] = Field(min_length=1)
+    allowed_modes: list[str] = Field(min_length=1)
+    min_side: int = Field(ge=8)
+    max_side: int = Field(le=20000)
+    splits: dict[str, Fraction]
+    split_seed: str = ""
+    empty_masks: Literal["error", "allow"]
+    mask_facts: MaskFactsConfig
+
+    @field_validator("splits")
+    @classmethod
+    def _splits(cls, v: dict[str, float]) -> dict[str, float]:
+        if set(v) != set(SPLITS):
+            raise ValueError(f"must have exactly the keys {list(SPLITS)}, got {sorted(v)}")
+        if abs(sum(v.values()) - 1.0) > 1e-6:
+            raise ValueError(f"fractions must sum to 1.0, got {sum(v.values()):.4f}")
+        return {k: v[k] for k in SPLITS}
+
+    @field_validator("image_exts")
+    @classmethod
+    def _exts(cls, v: list[str]) -> list[str]:
+        for e in v:
+            if not e.startswith("."):
+                raise ValueError(f"extensions start with a dot, like '.png'; got {e!r}")
+        return [e.lower() for e in v]
+
+    @model_validator(mode="after")
+    def _sides(self) -> IngestConfig:
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side ({self.min_side}) must be <= max_side ({self.max_side})")
+        return self
+
+
+class ValidateConfig(_Section):
+    min_per_class_split: int = Field(ge=1)
+    split_tolerance: Fraction
+    max_failed_rows_shown: int = Field(ge=1, le=1000)
+
+
+class Params(_Section):
+    paths: PathsConfig
+    synth: SynthConfig
+    ingest: IngestConfig
+    validate_: ValidateConfig = Field(alias="validate")
+
+    @property
+    def validate_cfg(self) -> ValidateConfig:
+        return self.validate_
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def parse_params(data: object, source: str = "params.yaml") -> Params:
+    """Validate a params mapping; raise ParamsError naming every bad key and what is allowed."""
+    if not isinstance(data, dict):
+        raise ParamsError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = _dotted(err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (not in the params schema; check the spelling)"
+            got = err.get("input")
+            hide = err["type"] in ("missing", "extra_forbidden") or isinstance(got, dict)
+            shown = "" if hide else f" (got {got!r})"
+            lines.append(f"  {key}: {msg}{shown}")
+        raise ParamsError(f"{source}: invalid params:\n" + "\n".join(lines)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file not found") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    return parse_params(data, str(path))

@@ -1,0 +1,151 @@
+"""Shared fixtures. One real SeaweedFS + one real Prefect server per test session, on free loopback ports
+in a temp dir (never a second ephemeral Prefect server), and session-scoped copies of the repository with
+the `tiny` profile applied, so later issues reuse one tiny pipeline run instead of each running their own.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_MTILE = REPO.parent / "shared" / "datasets" / "magnetic-tile"
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Before anything imports prefect: no analytics, and a private Prefect home for the session.
+    home = Path(os.environ.get("EDGEQA_TEST_HOME") or _mkd())
+    os.environ.update({"PREFECT_HOME": str(home / "prefect-client"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                       "DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1",
+                       "PREFECT_LOGGING_LEVEL": "WARNING"})
+    os.environ.pop("PREFECT_API_URL", None)
+    os.environ["PATH"] = VENV_BIN + os.pathsep + os.environ.get("PATH", "")
+
+
+def _mkd() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="edgeqa-test-")
+
+
+@pytest.fixture(scope="session")
+def params():
+    from tasks.config import load_params
+
+    return load_params(REPO / "params.yaml")
+
+
+@pytest.fixture(scope="session")
+def tiny_params(tmp_path_factory):
+    """The real params.yaml with the tiny profile written in, exactly as `edgeqa profile apply tiny` does."""
+    from tasks import profiles
+    from tasks.config import load_params
+
+    d = tmp_path_factory.mktemp("tinyparams")
+    p = d / "params.yaml"
+    shutil.copy(REPO / "params.yaml", p)
+    profiles.apply("tiny", p, REPO)
+    return load_params(p)
+
+
+@pytest.fixture(scope="session")
+def tiny_synth(tiny_params, tmp_path_factory) -> Path:
+    """A tiny synthetic MVTec-layout dataset (generated once per session)."""
+    from tasks import synth
+
+    out = tmp_path_factory.mktemp("tinysynth") / "synth"
+    synth.run(tiny_params.synth, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_manifest(tiny_params, tiny_synth, tmp_path_factory) -> Path:
+    from tasks import ingest
+
+    out = tmp_path_factory.mktemp("tinyingest")
+    cfg = tiny_params.ingest.model_copy(update={"root": str(tiny_synth)})
+    ingest.run(cfg, tiny_synth, out)
+    return out / "manifest.parquet"
+
+
+# ------------------------------------------------------------------------------------ the real stack
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> Iterator:
+    """SeaweedFS + Prefect server on free ports in a temp state dir, shared by every integration test."""
+    from flows.stack import PORT_KEYS, Stack, StackConfig, free_ports
+
+    base = StackConfig.load(env={})
+    ports = dict(zip(PORT_KEYS, free_ports(len(PORT_KEYS))))
+    cfg = StackConfig(state_dir=tmp_path_factory.mktemp("stack"), ports=ports, buckets=base.buckets,
+                      prefect_block=base.prefect_block)
+    st = Stack(cfg)
+    try:
+        st.up()
+        yield st
+    finally:
+        st.down()
+
+
+@pytest.fixture(scope="session")
+def prefect_api(stack) -> Iterator[str]:
+    """Point this process's Prefect client at the session's server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    os.environ["PREFECT_API_URL"] = stack.cfg.prefect_api_url
+    with temporary_settings(updates={PREFECT_API_URL: stack.cfg.prefect_api_url}):
+        yield stack.cfg.prefect_api_url
+
+
+def copy_repo(dst: Path, profile: str | None = "tiny") -> Path:
+    """A working copy of the project (tracked and untracked-not-ignored files), as its own git+DVC repo."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for f in files:
+        src = REPO / f
+        if src.is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / f)
+    if profile:
+        from tasks import profiles
+
+        profiles.apply(profile, dst / "params.yaml", dst)
+    git = ["git", "-c", "user.email=t@example.invalid", "-c", "user.name=edgeqa-tests"]
+    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=dst, check=True)
+    subprocess.run([*git, "commit", "-qm", "copy"], cwd=dst, check=True)
+    return dst
+
+
+def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(["dvc", *args], cwd=repo, capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory, stack) -> Path:
+    """A repo copy with the tiny profile, reproduced once with bare `dvc repro` (no Prefect), remote = test S3."""
+    repo = copy_repo(tmp_path_factory.mktemp("tinyrepo"))
+    stack.configure_dvc(repo)
+    dvc(repo, "repro")
+    return repo
+
+
+@pytest.fixture(scope="session")
+def flow_run(tmp_path_factory, stack, prefect_api):
+    """One run of the real `edgeqa-pipeline` flow on a fresh tiny repo copy, results persisted to S3."""
+    from flows.pipeline import pipeline
+
+    repo = copy_repo(tmp_path_factory.mktemp("flowrepo"))
+    stack.configure_dvc(repo)
+    flow = pipeline.with_options(result_storage=f"s3-bucket/{stack.cfg.prefect_block}", persist_result=True)
+    state = flow(repo=str(repo), push=True, bench_file="reports/bench/pipeline.json", return_state=True)
+    return {"repo": repo, "state": state, "id": state.state_details.flow_run_id}

@@ -1,0 +1,64 @@
+"""End to end: `dvc repro` of the stages on the tiny profile, and profiles seen through `dvc status`."""
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import yaml
+
+from tasks import profiles
+
+from ..conftest import REPO, copy_repo, dvc
+
+SHARED = REPO.parent / "shared"
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def test_dvc_repro_runs_the_three_stages(tiny_repo):
+    df = pd.read_parquet(tiny_repo / "data" / "ingest" / "manifest.parquet")
+    assert len(df) == 2 * 20 + 6 * 10 and set(df.split) == {"labelled", "unlabelled", "val", "test"}
+    assert json.loads((tiny_repo / "reports" / "validate" / "metrics.json").read_text())["success"] is True
+    assert (tiny_repo / "reports" / "validate" / "datadocs" / "index.html").exists()
+    lock = yaml.safe_load((tiny_repo / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"synth", "ingest", "validate"}
+    assert lock["stages"]["synth"]["params"]["params.yaml"]["synth"]["good_per_category"] == 20
+    assert dvc(tiny_repo, "status", "--json").stdout.strip() == "{}"
+    r = dvc(tiny_repo, "repro")
+    assert "didn't change, skipping" in r.stdout or "up to date" in r.stdout
+
+
+def _params_of_stage(repo) -> dict[str, list[str]]:
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    return {name: [p for p in s.get("params", []) if isinstance(p, str)] for name, s in stages.items()}
+
+
+@pytest.mark.parametrize("profile", ["mtile", "full"])
+def test_applying_a_profile_makes_dvc_status_list_exactly_the_stages_whose_params_changed(tmp_path, tiny_repo,
+                                                                                            profile):
+    repo = tmp_path / "r"
+    shutil.copytree(tiny_repo, repo, symlinks=True)
+    (tmp_path / "shared").symlink_to(SHARED)  # the repo copy sees ../shared as the real checkout does
+    changed = profiles.apply(profile, repo / "params.yaml", repo)
+    expected = {stage for stage, keys in _params_of_stage(repo).items()
+                if any(k == key or k.startswith(key + ".") for k in changed for key in keys)}
+    assert expected, "the profile changes some stage's params"
+    status = json.loads(dvc(repo, "status", "--json").stdout or "{}")
+    assert set(status) == expected, (status, changed)
+    for stage in expected:
+        listed = {k for e in status[stage] if isinstance(e, dict)
+                  for k in e.get("changed deps", {}).get("params.yaml", {})}
+        assert listed, status[stage]
+        assert all(any(k == c or k.startswith(c + ".") or c.startswith(k + ".") for c in changed) for k in listed), \
+            (listed, changed)
+
+
+def test_bad_params_value_stops_dvc_repro_with_the_key_named(tmp_path, stack):
+    repo = copy_repo(tmp_path / "r")
+    p = repo / "params.yaml"
+    p.write_text(p.read_text().replace("min_side: 32", "min_side: 99999"))
+    r = dvc(repo, "repro", "ingest", check=False)
+    assert r.returncode != 0
+    assert "ingest: min_side (99999) must be <= max_side" in (r.stdout + r.stderr)
+    assert not (repo / "data" / "ingest").exists()

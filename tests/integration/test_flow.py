@@ -1,0 +1,58 @@
+"""The `edgeqa-pipeline` flow, run once against the session's real Prefect server and read back via its API."""
+
+import asyncio
+import json
+
+import pytest
+
+from flows.pipeline import dag_stages
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_stage_order_comes_from_dvc_yaml(flow_run):
+    assert dag_stages(flow_run["repo"]) == ["synth", "ingest", "validate"]
+
+
+def test_flow_run_task_runs_and_artifacts_via_the_api(flow_run, prefect_api):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+
+    assert flow_run["state"].is_completed(), flow_run["state"].message
+
+    async def read():
+        async with get_client() as c:
+            fr = await c.read_flow_run(flow_run["id"])
+            trs = await c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run["id"]])))
+            arts = await c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+                any_=[flow_run["id"]])))
+            return fr, trs, arts
+
+    fr, trs, arts = asyncio.run(read())
+    assert fr.state.is_completed() and fr.name
+    names = sorted(t.name for t in trs)
+    assert [n for n in names if not n.startswith("dvc-push")] == ["ingest", "synth", "validate"]
+    assert any(n.startswith("dvc-push") for n in names)
+    assert all(t.state.is_completed() for t in trs)
+    keys = {a.key for a in arts}
+    for stage in ("synth", "ingest", "validate"):
+        assert f"{stage}-report" in keys and f"{stage}-metrics" in keys
+    report = next(a for a in arts if a.key == "validate-report")
+    assert "PASSED" in report.data
+
+
+def test_results_and_outputs_land_in_s3(flow_run, stack):
+    s3 = stack.s3_client()
+    results = s3.list_objects_v2(Bucket=stack.cfg.buckets["results"]).get("KeyCount", 0)
+    assert results > 0, "flow results are persisted to the results bucket"
+    dvc_objs = s3.list_objects_v2(Bucket=stack.cfg.buckets["dvc"]).get("KeyCount", 0)
+    assert dvc_objs > 0, "dvc push sent the stage outputs to the S3 remote"
+
+
+def test_flow_writes_per_stage_wall_times(flow_run):
+    recs = json.loads((flow_run["repo"] / "reports" / "bench" / "pipeline.json").read_text())["records"]
+    names = {r["name"] for r in recs}
+    assert {"stage:synth", "stage:ingest", "stage:validate", "pipeline:flow_wall"} <= names
+    for r in recs:
+        assert set(r) == {"name", "value", "unit", "target", "command", "machine", "date"}
+        assert r["value"] > 0

@@ -1,0 +1,41 @@
+import pytest
+
+from tasks import benchrec
+from tasks.common import atomic_dir, atomic_write_text, md_table
+
+
+def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
+    p = tmp_path / "a" / "f.txt"
+    atomic_write_text(p, "one")
+    atomic_write_text(p, "two")
+    assert p.read_text() == "two"
+    assert [x.name for x in p.parent.iterdir()] == ["f.txt"]
+
+
+def test_atomic_dir_publishes_only_on_success(tmp_path):
+    final = tmp_path / "out"
+    with atomic_dir(final) as d:
+        (d / "x").write_text("1")
+    assert (final / "x").read_text() == "1"
+    with pytest.raises(RuntimeError), atomic_dir(final) as d:
+        (d / "y").write_text("half")
+        raise RuntimeError("boom")
+    assert sorted(p.name for p in final.iterdir()) == ["x"], "a failed build must not touch the published dir"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no temp dir left behind"
+
+
+def test_md_table_marks_missing_values_na():
+    t = md_table(["a", "b"], [[1, None], [0.123456, "x|y"]])
+    assert "| 1 | n/a |" in t and "0.1235" in t and "x\\|y" in t
+
+
+def test_bench_record_format(tmp_path):
+    r = benchrec.record("x", 1.23456, "s", "<= 2 s", "make bench")
+    assert tuple(r) == benchrec.FIELDS
+    p = tmp_path / "b.json"
+    benchrec.write(p, [r])
+    benchrec.write(p, [benchrec.record("y", 2, "s", None, "c")])
+    import json
+
+    names = [x["name"] for x in json.loads(p.read_text())["records"]]
+    assert names == ["x", "y"]
