@@ -23,6 +23,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(VENV)/bin/edgeqa prepare
 	touch $@
 
 run: setup ## set up, start the local stack and run the pipeline through Prefect (PROFILE=demo|mtile|full)

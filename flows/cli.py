@@ -52,6 +52,15 @@ def up() -> None:
     _print_status(status)
 
 
+@app.command("prepare", hidden=True)
+def prepare() -> None:
+    """Build the schema-only Prefect DB template for this venv (run by `make setup`)."""
+    try:
+        console.print(f"prefect DB template: {Stack.build_prefect_db_template()}")
+    except StackError as exc:
+        _fail(str(exc))
+
+
 @app.command()
 def down() -> None:
     """Stop the local stack and wait for a clean exit. State is kept under the state folder."""

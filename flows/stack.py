@@ -50,9 +50,9 @@ class StackConfig:
         if unknown or set(PORT_KEYS) - set(ports):
             raise StackError(f"{path}: ports must have exactly the keys {list(PORT_KEYS)}")
         for k in PORT_KEYS:
-            v = env.get(f"EDGEQA_{k.upper()}_PORT", ports[k])
+            v: object = env.get(f"EDGEQA_{k.upper()}_PORT", ports[k])
             try:
-                ports[k] = int(v)
+                ports[k] = int(str(v))
             except (TypeError, ValueError):
                 raise StackError(f"port {k} (EDGEQA_{k.upper()}_PORT): {v!r} is not an integer") from None
             if not 1 <= ports[k] <= 65535:
@@ -95,20 +95,34 @@ class Credentials:
         return f"Credentials(access_key={self.access_key!r}, secret_key='***')"
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def free_ports(n: int) -> list[int]:
-    """n distinct free ports on loopback (for tests and benchmarks)."""
+    """n distinct free loopback ports, drawn below the kernel's ephemeral range.
+
+    Ports from bind(0) come from the ephemeral range, which the services' own outgoing connections also use,
+    so such a port can be taken between choosing it and binding it. Below that range only listeners compete.
+    """
+    import random
+
+    rng = random.SystemRandom()
+    hi = min(_ephemeral_low(), 65536) - 1
+    lo = 20000 if hi > 21000 else 1024
     out: list[int] = []
     while len(out) < n:
-        p = free_port()
-        if p not in out:
+        p = rng.randint(lo, hi)
+        if p not in out and not port_in_use("127.0.0.1", p):
             out.append(p)
     return out
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -234,6 +248,33 @@ class Stack:
                 "PREFECT_UI_API_URL": self.cfg.prefect_api_url, "PREFECT_API_URL": self.cfg.prefect_api_url,
                 "PREFECT_LOGGING_LEVEL": "WARNING"}
 
+    @staticmethod
+    def prefect_db_template() -> Path:
+        """A schema-only Prefect DB for the installed Prefect version, built once by `make setup`."""
+        from importlib.metadata import version
+
+        return Path(sys.prefix) / "share" / "edgeqa" / f"prefect-{version('prefect')}.db"
+
+    @classmethod
+    def build_prefect_db_template(cls) -> Path:
+        """Run Prefect's own migrations into the template (temp name, then rename). Idempotent."""
+        target = cls.prefect_db_template()
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env.update({"PREFECT_HOME": str(target.parent / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                    "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp}"})
+        r = subprocess.run([_bin("prefect"), "server", "database", "upgrade", "-y"], env=env, capture_output=True,
+                           text=True, timeout=300)
+        if r.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            raise StackError(f"prefect server database upgrade failed: {r.stderr[-1500:]}")
+        tmp.replace(target)
+        return target
+
     def _start(self, svc: str) -> None:
         self.cfg.path("logs").mkdir(parents=True, exist_ok=True)
         self.cfg.path("run").mkdir(parents=True, exist_ok=True)
@@ -248,6 +289,11 @@ class Stack:
             cmd = self._weed_cmd()
         else:
             self.cfg.path("prefect").mkdir(parents=True, exist_ok=True)
+            db = self.cfg.path("prefect", "prefect.db")
+            template = self.prefect_db_template()
+            if not db.exists() and template.exists():  # skip the one-time migrations of a new DB
+                shutil.copyfile(template, db.with_name(".prefect.db.tmp"))
+                db.with_name(".prefect.db.tmp").replace(db)
             env.update(self.prefect_env())
             cmd = [_bin("prefect"), "server", "start", "--host", self.cfg.host,
                    "--port", str(self.cfg.ports["prefect"])]

@@ -24,7 +24,7 @@ def pytest_configure(config: pytest.Config) -> None:
     home = Path(os.environ.get("EDGEQA_TEST_HOME") or _mkd())
     os.environ.update({"PREFECT_HOME": str(home / "prefect-client"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                        "DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1",
-                       "PREFECT_LOGGING_LEVEL": "WARNING"})
+                       "PREFECT_LOGGING_LEVEL": "INFO"})
     os.environ.pop("PREFECT_API_URL", None)
     os.environ["PATH"] = VENV_BIN + os.pathsep + os.environ.get("PATH", "")
 
@@ -87,7 +87,11 @@ def stack(tmp_path_factory) -> Iterator:
                       prefect_block=base.prefect_block)
     st = Stack(cfg)
     try:
-        st.up()
+        try:
+            st.up()
+        except Exception as exc:  # make a start-up failure self-explanatory in CI output
+            logs = {p.name: p.read_text(errors="replace")[-3000:] for p in cfg.path("logs").glob("*.log")}
+            raise RuntimeError(f"test stack failed to start on ports {cfg.ports}: {exc}\nlogs: {logs}") from exc
         yield st
     finally:
         st.down()
@@ -101,25 +105,19 @@ def prefect_api(stack) -> Iterator[str]:
     os.environ["PREFECT_API_URL"] = stack.cfg.prefect_api_url
     with temporary_settings(updates={PREFECT_API_URL: stack.cfg.prefect_api_url}):
         yield stack.cfg.prefect_api_url
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)  # send queued logs while the server is still up
 
 
 def copy_repo(dst: Path, profile: str | None = "tiny") -> Path:
-    """A working copy of the project (tracked and untracked-not-ignored files), as its own git+DVC repo."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for f in files:
-        src = REPO / f
-        if src.is_file():
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / f)
-    if profile:
-        from tasks import profiles
+    """A working copy of the project as its own git+DVC repo, with `profile` written into its params.yaml."""
+    from flows.worktree import copy_worktree
+    from tasks import profiles
 
+    copy_worktree(dst)
+    if profile:
         profiles.apply(profile, dst / "params.yaml", dst)
-    git = ["git", "-c", "user.email=t@example.invalid", "-c", "user.name=edgeqa-tests"]
-    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=dst, check=True)
-    subprocess.run([*git, "commit", "-qm", "copy"], cwd=dst, check=True)
     return dst
 
 

@@ -41,6 +41,30 @@ def test_flow_run_task_runs_and_artifacts_via_the_api(flow_run, prefect_api):
     assert "PASSED" in report.data
 
 
+def test_secret_appears_in_no_artifact_and_no_flow_log(flow_run, stack, prefect_api):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
+
+    async def read():
+        async with get_client() as c:
+            arts = await c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+                any_=[flow_run["id"]])))
+            logs = await c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run["id"]])))
+            return arts, logs
+
+    arts, logs = asyncio.run(read())
+    assert arts and logs
+    secret = stack.credentials().secret_key
+    for a in arts:
+        assert secret not in json.dumps(a.data, default=str), a.key
+    for entry in logs:
+        assert secret not in entry.message
+    messages = "\n".join(e.message for e in logs)
+    for stage in ("synth", "ingest", "validate"):
+        assert f"{stage} | Running stage '{stage}'" in messages, "each stage's output is streamed to Prefect"
+    assert "validate | " in messages and "expectations passed" in messages
+
+
 def test_results_and_outputs_land_in_s3(flow_run, stack):
     s3 = stack.s3_client()
     results = s3.list_objects_v2(Bucket=stack.cfg.buckets["results"]).get("KeyCount", 0)

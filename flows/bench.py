@@ -1,0 +1,116 @@
+"""`make bench`: measure the stack and the data stages; write reports/bench/infra.json (shared record format).
+
+It never retrains: it times what exists. The stack measured is a temporary one on free loopback ports,
+so a running `edgeqa up` is untouched. Ratios are measured within one run, on the same machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from flows.stack import PORT_KEYS, REPO, Stack, StackConfig, free_ports
+from flows.worktree import copy_worktree
+from tasks import benchrec
+from tasks.config import load_params
+
+
+def _timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> float:
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed in {cwd}:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+    params = load_params(REPO / "params.yaml")
+    out = REPO / params.paths.bench_dir / "infra.json"
+    recs = []
+    with tempfile.TemporaryDirectory(prefix="edgeqa-bench-") as tmp:
+        tmpd = Path(tmp)
+        base = StackConfig.load()
+        cfg = StackConfig(state_dir=tmpd / "stack", ports=dict(zip(PORT_KEYS, free_ports(len(PORT_KEYS)))),
+                          buckets=base.buckets, prefect_block=base.prefect_block)
+        stack = Stack(cfg)
+        try:
+            t0 = time.perf_counter()
+            stack.up()
+            first = time.perf_counter() - t0
+            stack.down()
+            t0 = time.perf_counter()
+            stack.up()
+            cold = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            stack.up()
+            warm = time.perf_counter() - t0
+            recs += [
+                benchrec.record("infra:up_cold_s", cold, "s", "<= 10 s",
+                                "edgeqa up (services stopped, state kept: the everyday cold start)"),
+                benchrec.record("infra:up_first_s", first, "s", "<= 10 s",
+                                "edgeqa up on an empty state dir (creates the Prefect DB, credentials, buckets)"),
+                benchrec.record("infra:up_running_s", warm, "s", None, "edgeqa up when already running"),
+            ]
+            print(f"up: first {first:.1f} s, cold {cold:.1f} s, running {warm:.2f} s")
+
+            # ingest + validate of the real magnetic-tile set, as the stages run (subprocesses, GX import included)
+            shared = REPO.parent / "shared" / "datasets" / "magnetic-tile"
+            if shared.is_dir():
+                from tasks import profiles
+
+                pfile = tmpd / "params-mtile.yaml"
+                shutil.copy(REPO / "params.yaml", pfile)
+                profiles.apply("mtile", pfile, REPO)
+                mt = load_params(pfile)
+                ing = tmpd / "mt-ingest"
+                t_ing = _timed([sys.executable, "-m", "tasks.ingest", "--params", str(pfile), "--out", str(ing)],
+                               REPO)
+                t_val = _timed([sys.executable, "-m", "tasks.validate", "--params", str(pfile), "--manifest",
+                                str(ing / "manifest.parquet"), "--docs", str(tmpd / "mt-docs")], REPO)
+                recs.append(benchrec.record("data:mtile_ingest_validate_s", t_ing + t_val, "s", "<= 30 s",
+                                            f"python -m tasks.ingest + tasks.validate on {mt.ingest.root}"))
+                print(f"mtile ingest {t_ing:.1f} s + validate {t_val:.1f} s")
+
+            # bare `dvc repro` vs the Prefect flow, each from a clean copy (empty cache, no outputs)
+            bare_repo = copy_worktree(tmpd / "bare" / "repo")
+            bare = _timed(["dvc", "repro"], bare_repo)
+            noop = min(_timed(["dvc", "repro"], bare_repo) for _ in range(3))
+            recs.append(benchrec.record("dvc:noop_repro_s", noop, "s", "<= 3 s", "dvc repro (everything up to date)"))
+            flow_repo = copy_worktree(tmpd / "flow" / "repo")
+            os.environ["PREFECT_API_URL"] = cfg.prefect_api_url
+            os.environ["PREFECT_HOME"] = str(cfg.path("prefect"))
+            os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+            from flows.pipeline import pipeline
+
+            flow = pipeline.with_options(result_storage=f"s3-bucket/{cfg.prefect_block}", persist_result=True)
+            t0 = time.perf_counter()
+            state = flow(repo=str(flow_repo), push=False, return_state=True)
+            flowt = time.perf_counter() - t0
+            if not state.is_completed():
+                raise RuntimeError(f"bench flow run failed: {state.message}")
+            recs += [
+                benchrec.record("flow:bare_dvc_repro_s", bare, "s", None, "dvc repro from a clean copy"),
+                benchrec.record("flow:prefect_flow_s", flowt, "s", None,
+                                "edgeqa-pipeline flow (no push) from a clean copy"),
+                benchrec.record("flow:overhead_s", flowt - bare, "s", None, "flow wall - bare dvc repro wall"),
+                benchrec.record("flow:overhead_ratio", flowt / bare, "x", "<= 1.1 (from the student issue on)",
+                                "flow wall / bare dvc repro wall, same stages, same run"),
+            ]
+            print(f"bare dvc repro {bare:.1f} s, flow {flowt:.1f} s, ratio {flowt / bare:.2f}, no-op {noop:.2f} s")
+        finally:
+            stack.down()
+    benchrec.write(out, recs)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
