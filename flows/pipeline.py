@@ -25,32 +25,23 @@ def _dvc_env() -> dict[str, str]:
     return {**os.environ, "DVC_NO_ANALYTICS": "1"}
 
 
-def _stages(repo: Path) -> list[Any]:
+def stage_plan(repo: Path) -> list[tuple[str, dict[str, list[str]]]]:
+    """Stages in dependency order (foreach entries as `name@key`), each with the markdown reports and metrics
+    files it declares in dvc.yaml. One read of DVC's own graph."""
     import networkx as nx
     from dvc.repo import Repo
     from dvc.stage import PipelineStage
 
     with Repo(str(repo)) as r:
         graph = r.index.graph  # edges point from a stage to the stages it depends on
-        pipeline = [s for s in graph.nodes if isinstance(s, PipelineStage)]
-        sub = graph.subgraph(pipeline)
-        order = list(nx.lexicographical_topological_sort(sub.reverse(copy=True), key=lambda s: s.name))
-        return order
+        sub = graph.subgraph([s for s in graph.nodes if isinstance(s, PipelineStage)])
+        order = nx.lexicographical_topological_sort(sub.reverse(copy=True), key=lambda s: s.name)
+        return [(s.name, {"reports": [str(o.def_path) for o in s.outs if str(o.def_path).endswith(".md")],
+                          "metrics": [str(o.def_path) for o in s.outs if o.metric]}) for s in order]
 
 
 def dag_stages(repo: Path) -> list[str]:
-    """Stage names (foreach entries as `name@key`) in dependency order, from dvc.yaml via DVC's graph."""
-    return [s.name for s in _stages(repo)]
-
-
-def stage_files(repo: Path) -> dict[str, dict[str, list[str]]]:
-    """Per stage: its markdown report outs and its metrics files, as declared in dvc.yaml."""
-    out: dict[str, dict[str, list[str]]] = {}
-    for s in _stages(repo):
-        reports = [str(o.def_path) for o in s.outs if str(o.def_path).endswith(".md")]
-        metrics = [str(o.def_path) for o in s.outs if o.metric]
-        out[s.name] = {"reports": reports, "metrics": metrics}
-    return out
+    return [name for name, _ in stage_plan(repo)]
 
 
 def _artifact_key(stage: str, kind: str) -> str:
@@ -111,12 +102,9 @@ def pipeline(repo: str = ".", push: bool = True, bench_file: str | None = None) 
     logger = get_run_logger()
     t0 = time.perf_counter()
     root = Path(repo).resolve()
-    order = dag_stages(root)
-    files = stage_files(root)
-    logger.info("stages in DAG order: %s", ", ".join(order))
-    results = []
-    for st in order:
-        results.append(run_stage(st, str(root), files[st]))
+    plan = stage_plan(root)
+    logger.info("stages in DAG order: %s", ", ".join(name for name, _ in plan))
+    results = [run_stage(name, str(root), files) for name, files in plan]
     pushed = dvc_push(str(root)) if push else "skipped"
     wall = time.perf_counter() - t0
     summary = {"stages": results, "wall_s": round(wall, 3), "push": pushed}

@@ -73,6 +73,21 @@ def _images_in(folder: Path, exts: Iterable[str]) -> list[Path]:
                   if p.is_file() and p.suffix.lower() in exts and not p.name.startswith("."))
 
 
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _orphan_masks(mask_root: Path, image_root: Path, suffix: str, cfg: IngestConfig, errors: _Errors) -> None:
+    """Every mask in mask_root/<class>/ must pair, by stem, with an image in image_root/<class>/."""
+    for cls_dir in _subdirs(mask_root):
+        img_dir = image_root / cls_dir.name
+        stems = {p.stem for p in _images_in(img_dir, cfg.image_exts)} if img_dir.is_dir() else set()
+        for m in sorted(cls_dir.glob("*.png")):
+            stem = m.stem.removesuffix(suffix) if suffix else m.stem
+            if stem not in stems:
+                errors.add(m, f"mask without image (no {img_dir}/{stem}.* image)")
+
+
 def _class_of(name: str, cfg: IngestConfig, where: Path, errors: _Errors) -> tuple[str, str] | None:
     """Map a class folder name to (label, defect_type); report an unknown class by its folder."""
     if name == cfg.good_class:
@@ -87,13 +102,13 @@ def _class_of(name: str, cfg: IngestConfig, where: Path, errors: _Errors) -> tup
 
 def scan_mvtec(root: Path, cfg: IngestConfig, errors: _Errors) -> list[Sample]:
     samples: list[Sample] = []
-    cats = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    cats = _subdirs(root)
     if not cats:
         errors.add(root, "no category folders; the mvtec layout is CAT/train/good, CAT/test/<class>, CAT/ground_truth")
     for cat in cats:
         gt = cat / "ground_truth"
         has_gt = gt.is_dir()
-        for sub in sorted(p for p in cat.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for sub in _subdirs(cat):
             if sub.name not in ("train", "test", "ground_truth"):
                 errors.add(sub, "unknown folder; allowed in a category: train, test, ground_truth")
         if not (cat / "train").is_dir() and not (cat / "test").is_dir():
@@ -101,7 +116,7 @@ def scan_mvtec(root: Path, cfg: IngestConfig, errors: _Errors) -> list[Sample]:
         for split_dir in (cat / "train", cat / "test"):
             if not split_dir.is_dir():
                 continue
-            for cls_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for cls_dir in _subdirs(split_dir):
                 if split_dir.name == "train" and cls_dir.name != cfg.good_class:
                     errors.add(cls_dir, f"train/ may only hold {cfg.good_class!r} images in the mvtec layout")
                     continue
@@ -117,20 +132,14 @@ def scan_mvtec(root: Path, cfg: IngestConfig, errors: _Errors) -> list[Sample]:
                             errors.add(img, f"defective image without its mask (expected {mask})")
                             continue
                     samples.append(Sample(img, img.relative_to(root).as_posix(), cat.name, dtype, label, mask))
-        if has_gt:  # every mask must pair with an image, by stem
-            for cls_dir in sorted(p for p in gt.iterdir() if p.is_dir()):
-                stems = {p.stem for p in _images_in(cat / "test" / cls_dir.name, cfg.image_exts)} \
-                    if (cat / "test" / cls_dir.name).is_dir() else set()
-                for m in sorted(cls_dir.glob("*.png")):
-                    stem = m.stem.removesuffix("_mask")
-                    if stem not in stems:
-                        errors.add(m, f"mask without image (no test/{cls_dir.name}/{stem}.* image)")
+        if has_gt:
+            _orphan_masks(gt, cat / "test", "_mask", cfg, errors)
     return samples
 
 
 def scan_magnetic_tile(root: Path, cfg: IngestConfig, errors: _Errors) -> list[Sample]:
     samples: list[Sample] = []
-    dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    dirs = _subdirs(root)
     if not dirs:
         errors.add(root, "no MT_<Class> folders")
     category = cfg.category or "magnetic_tile"
@@ -166,7 +175,7 @@ def scan_folder(root: Path, cfg: IngestConfig, errors: _Errors) -> list[Sample]:
     samples: list[Sample] = []
     category = cfg.category or root.name
     mask_root = Path(cfg.mask_dir) if cfg.mask_dir else None
-    dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    dirs = _subdirs(root)
     if not dirs:
         errors.add(root, "no class folders; the folder layout is root/<class>/*.png")
     for d in dirs:
@@ -185,13 +194,7 @@ def scan_folder(root: Path, cfg: IngestConfig, errors: _Errors) -> list[Sample]:
                     continue
             samples.append(Sample(img, img.relative_to(root).as_posix(), category, dtype, label, mask))
     if mask_root is not None and mask_root.is_dir():
-        for cls_dir in sorted(p for p in mask_root.iterdir() if p.is_dir()):
-            cls_root = root / cls_dir.name
-            stems = {p.stem for p in _images_in(cls_root, cfg.image_exts)} if cls_root.is_dir() else set()
-            for m in sorted(cls_dir.glob("*.png")):
-                stem = m.stem.removesuffix(cfg.mask_suffix) if cfg.mask_suffix else m.stem
-                if stem not in stems:
-                    errors.add(m, f"mask without image (no {cls_dir.name}/{stem}.* image)")
+        _orphan_masks(mask_root, root, cfg.mask_suffix, cfg, errors)
     return samples
 
 
