@@ -69,3 +69,17 @@ def test_no_work_at_import_time(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_no_tool_phones_home():
+    """DVC analytics and its update check are off in the committed config; weed and Prefect flags are set."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / ".dvc" / "config")
+    assert cfg["core"]["analytics"] == "false" and cfg["core"]["check_update"] == "false"
+    from flows.stack import Stack, StackConfig
+
+    st = Stack(StackConfig.load(env={}))
+    assert "-master.telemetry=false" in st._weed_cmd()
+    assert st.prefect_env()["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
