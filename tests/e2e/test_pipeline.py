@@ -16,13 +16,14 @@ SHARED = REPO.parent / "shared"
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-def test_dvc_repro_runs_the_three_stages(tiny_repo):
+def test_dvc_repro_runs_the_stages(tiny_repo):
     df = pd.read_parquet(tiny_repo / "data" / "ingest" / "manifest.parquet")
     assert len(df) == 2 * 20 + 6 * 10 and set(df.split) == {"labelled", "unlabelled", "val", "test"}
     assert json.loads((tiny_repo / "reports" / "validate" / "metrics.json").read_text())["success"] is True
     assert (tiny_repo / "reports" / "validate" / "datadocs" / "index.html").exists()
     lock = yaml.safe_load((tiny_repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"synth", "ingest", "validate"}
+    assert set(lock["stages"]) == {"convert", "synth", "ingest", "validate"}
+    assert (tiny_repo / "models" / "base_lm" / "model.safetensors").exists()
     assert lock["stages"]["synth"]["params"]["params.yaml"]["synth"]["good_per_category"] == 20
     assert dvc(tiny_repo, "status", "--json").stdout.strip() == "{}"
     r = dvc(tiny_repo, "repro")

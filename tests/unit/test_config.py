@@ -63,7 +63,8 @@ def test_missing_section_and_bad_file(tmp_path):
 def test_no_work_at_import_time(tmp_path):
     """Importing every module creates no files, contacts nothing, and does not pull in GX."""
     code = ("import sys, tasks.config, tasks.common, tasks.synth, tasks.ingest, tasks.validate, tasks.maskfacts, "
-            "tasks.profiles, tasks.benchrec, flows.stack, flows.cli; "
+            "tasks.profiles, tasks.benchrec, tasks.answer, tasks.scoring, tasks.convert, tasks.vision, flows.stack, "
+            "flows.cli, flows.worktree; assert 'torch' not in sys.modules, 'torch imported at import time'; "
             "assert 'great_expectations' not in sys.modules, 'GX imported at import time'; "
             "assert 'prefect' not in sys.modules, 'prefect imported by the CLI at import time'")
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)

@@ -1,0 +1,81 @@
+"""Constrained scoring: a causal LM's own distribution over a closed set of options, given a context.
+
+This is how the teacher and the student choose verdict, type and location: no free generation, no string
+matching. When the options' first tokens are distinct, the log-probability of the first token decides
+(one forward pass over the context); otherwise each option's whole token sequence is scored. Scores are
+normalised over the options, so `exp(logprobs)` is a distribution (e.g. P(defective)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Method = Literal["auto", "first_token", "sequence"]
+
+
+def option_token_ids(tokenizer: Any, options: Sequence[str], lead: str = " ") -> list[list[int]]:
+    """Token ids of each option as it appears after the schema's `field: ` prefix (leading space)."""
+    ids = [tokenizer.encode(lead + o, add_special_tokens=False) for o in options]
+    for o, t in zip(options, ids):
+        if not t:
+            raise ValueError(f"option {o!r} encodes to no tokens")
+    return ids
+
+
+def first_tokens_distinct(ids: Sequence[Sequence[int]]) -> bool:
+    firsts = [t[0] for t in ids]
+    return len(set(firsts)) == len(firsts)
+
+
+@dataclass
+class OptionScores:
+    logprobs: Any  # torch.Tensor (batch, n_options), log-softmax over the options
+    method: str
+
+    def probs(self) -> Any:
+        return self.logprobs.exp()
+
+    def argmax(self) -> list[int]:
+        return self.logprobs.argmax(dim=-1).tolist()
+
+
+def score_options(model: Any, inputs_embeds: Any, attention_mask: Any, option_ids: Sequence[Sequence[int]],
+                  method: Method = "auto") -> OptionScores:
+    """Score options after a batch of contexts given as embeddings (batch, length, hidden), left-padded.
+
+    first_token: log p(first token | context), restricted to the options and renormalised.
+    sequence: sum of log p(option tokens | context), renormalised over the options.
+    """
+    import torch
+
+    if method == "auto":
+        method = "first_token" if first_tokens_distinct(option_ids) else "sequence"
+    def positions(mask: Any) -> Any:  # left padding: count positions from each row's first real token
+        return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    with torch.inference_mode():
+        if method == "first_token":
+            if not first_tokens_distinct(option_ids):
+                raise ValueError("first_token scoring needs options whose first tokens are distinct")
+            logits = model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                           position_ids=positions(attention_mask)).logits[:, -1, :]
+            first = torch.tensor([t[0] for t in option_ids], device=logits.device)
+            scores = torch.log_softmax(logits.float(), dim=-1)[:, first]
+        elif method == "sequence":
+            embed = model.get_input_embeddings()
+            cols = []
+            for ids in option_ids:
+                opt = torch.tensor(ids, device=inputs_embeds.device)
+                b = inputs_embeds.shape[0]
+                e = torch.cat([inputs_embeds, embed(opt).unsqueeze(0).expand(b, -1, -1).to(inputs_embeds.dtype)], 1)
+                m = torch.cat([attention_mask, attention_mask.new_ones(b, len(ids))], 1)
+                logits = model(inputs_embeds=e, attention_mask=m, position_ids=positions(m)).logits.float()
+                n = len(ids)
+                lp = torch.log_softmax(logits[:, -n - 1:-1, :], dim=-1)  # predictions for each option token
+                cols.append(lp.gather(-1, opt.view(1, n, 1).expand(b, n, 1)).squeeze(-1).sum(-1))
+            scores = torch.stack(cols, dim=-1)
+        else:
+            raise ValueError(f"unknown scoring method {method!r}; allowed: auto, first_token, sequence")
+    return OptionScores(torch.log_softmax(scores, dim=-1), method)
