@@ -45,6 +45,8 @@ class PathsConfig(_Section):
     reports_dir: str
     bench_dir: str
     base_lm_dir: str
+    teacher_dir: str
+    labels_dir: str
 
 
 class SynthCategory(_Section):
@@ -160,9 +162,38 @@ class BaseLMConfig(_Section):
     probe_text: str = Field(min_length=1)
 
 
+class TeacherConfig(_Section):
+    """The local teacher: frozen Lite0 features -> projector -> SmolLM2 with LoRA, SFT on the labelled split."""
+
+    seed: int = Field(ge=0)
+    image_size: int = Field(ge=64, le=1024)
+    grid: int = Field(ge=1, le=8)
+    projector_hidden: int = Field(ge=16)
+    lora_r: int = Field(ge=1, le=256)
+    lora_alpha: int = Field(ge=1)
+    lora_targets: list[str] = Field(min_length=1)
+    epochs: int = Field(ge=1, le=100)
+    batch_size: int = Field(ge=1, le=256)
+    lr_projector: float = Field(gt=0, le=1)
+    lr_lora: float = Field(gt=0, le=1)
+    key_token_weight: float = Field(ge=1.0, le=100.0)
+    patience: int = Field(ge=1)
+    anomaly: bool
+    max_reason_tokens: int = Field(ge=1, le=256)
+    top_k: int = Field(ge=1, le=100)
+    threads: int = Field(ge=1, le=64)
+
+
+class LabelConfig(_Section):
+    pools: list[Literal["labelled", "unlabelled"]] = Field(min_length=1)
+    batch_size: int = Field(ge=1, le=256)
+
+
 class Params(_Section):
     paths: PathsConfig
     base_lm: BaseLMConfig
+    teacher: TeacherConfig
+    label: LabelConfig
     synth: SynthConfig
     ingest: IngestConfig
     validate_: ValidateConfig = Field(alias="validate")

@@ -33,6 +33,7 @@ def first_tokens_distinct(ids: Sequence[Sequence[int]]) -> bool:
 class OptionScores:
     logprobs: Any  # torch.Tensor (batch, n_options), log-softmax over the options
     method: str
+    vocab_logprobs: Any = None  # (batch, vocab) at the decision position (first_token method), for soft targets
 
     def probs(self) -> Any:
         return self.logprobs.exp()
@@ -55,6 +56,7 @@ def score_options(model: Any, inputs_embeds: Any, attention_mask: Any, option_id
     def positions(mask: Any) -> Any:  # left padding: count positions from each row's first real token
         return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
+    vocab = None
     with torch.inference_mode():
         if method == "first_token":
             if not first_tokens_distinct(option_ids):
@@ -62,20 +64,30 @@ def score_options(model: Any, inputs_embeds: Any, attention_mask: Any, option_id
             logits = model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                            position_ids=positions(attention_mask)).logits[:, -1, :]
             first = torch.tensor([t[0] for t in option_ids], device=logits.device)
-            scores = torch.log_softmax(logits.float(), dim=-1)[:, first]
+            vocab = torch.log_softmax(logits.float(), dim=-1)
+            scores = vocab[:, first]
         elif method == "sequence":
-            embed = model.get_input_embeddings()
+            # The context runs once; each option's later tokens run on a copy of its KV cache.
+            import copy
+
+            out = model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                        position_ids=positions(attention_mask), use_cache=True)
+            first_lp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
+            b = inputs_embeds.shape[0]
             cols = []
             for ids in option_ids:
-                opt = torch.tensor(ids, device=inputs_embeds.device)
-                b = inputs_embeds.shape[0]
-                e = torch.cat([inputs_embeds, embed(opt).unsqueeze(0).expand(b, -1, -1).to(inputs_embeds.dtype)], 1)
-                m = torch.cat([attention_mask, attention_mask.new_ones(b, len(ids))], 1)
-                logits = model(inputs_embeds=e, attention_mask=m, position_ids=positions(m)).logits.float()
-                n = len(ids)
-                lp = torch.log_softmax(logits[:, -n - 1:-1, :], dim=-1)  # predictions for each option token
-                cols.append(lp.gather(-1, opt.view(1, n, 1).expand(b, n, 1)).squeeze(-1).sum(-1))
+                total = first_lp[:, ids[0]]
+                if len(ids) > 1:
+                    rest = torch.tensor(ids[:-1], device=inputs_embeds.device).view(1, -1).expand(b, -1)
+                    m = torch.cat([attention_mask, attention_mask.new_ones(b, len(ids) - 1)], 1)
+                    pos = positions(m)[:, -(len(ids) - 1):]
+                    step = model(input_ids=rest, attention_mask=m, position_ids=pos,
+                                 cache=copy.deepcopy(out.cache), use_cache=True)
+                    lp = torch.log_softmax(step.logits.float(), dim=-1)
+                    nxt = torch.tensor(ids[1:], device=lp.device).view(1, -1, 1).expand(b, -1, 1)
+                    total = total + lp.gather(-1, nxt).squeeze(-1).sum(-1)
+                cols.append(total)
             scores = torch.stack(cols, dim=-1)
         else:
             raise ValueError(f"unknown scoring method {method!r}; allowed: auto, first_token, sequence")
-    return OptionScores(torch.log_softmax(scores, dim=-1), method)
+    return OptionScores(torch.log_softmax(scores, dim=-1), method, vocab if method == "first_token" else None)

@@ -60,3 +60,34 @@ def pooled_features(model: Any, paths: Sequence[str | Path], size: int = 224, ba
             f = model.extract_features(to_tensor(paths[i:i + batch], size))
             out.append(f.mean(dim=(2, 3)).numpy())
     return np.concatenate(out)
+
+
+def lite0_maps(model: Any, x: Any) -> tuple[Any, Any]:
+    """(stride-16 map after block 10, 112 ch; final 1280-ch map), from one pass of the frozen backbone."""
+    x = model._swish(model._bn0(model._conv_stem(x)))
+    mid = None
+    for idx, block in enumerate(model._blocks):
+        x = block(x, drop_connect_rate=0.0)
+        if idx == 10:
+            mid = x
+    final = model._swish(model._bn1(model._conv_head(x)))
+    return mid, final
+
+
+def image_features(model: Any, paths: Sequence[str | Path], size: int, grid: int,
+                   batch: int = 16) -> dict[str, np.ndarray]:
+    """Per image: `tokens` (grid*grid, 2*1280) = average and max pooled final map, for the projector;
+    `patches` (P, 112) = 3x3-neighbourhood-averaged stride-16 features, for patch anomaly evidence."""
+    import torch
+    import torch.nn.functional as F
+
+    toks, pats = [], []
+    with torch.inference_mode():
+        for i in range(0, len(paths), batch):
+            mid, final = lite0_maps(model, to_tensor(paths[i:i + batch], size))
+            avg = F.adaptive_avg_pool2d(final, grid)
+            mx = F.adaptive_max_pool2d(final, grid)
+            toks.append(torch.cat([avg, mx], 1).flatten(2).transpose(1, 2).numpy())
+            local = F.avg_pool2d(mid, 3, stride=1, padding=1)
+            pats.append(local.flatten(2).transpose(1, 2).numpy())
+    return {"tokens": np.concatenate(toks).astype(np.float32), "patches": np.concatenate(pats).astype(np.float32)}

@@ -92,6 +92,17 @@ def base_lm(base_lm_dir):
     return AutoModelForCausalLM.from_pretrained(base_lm_dir).eval(), AutoTokenizer.from_pretrained(base_lm_dir)
 
 
+@pytest.fixture(scope="session")
+def tiny_teacher(tiny_params, tiny_manifest, base_lm_dir, tmp_path_factory):
+    """The local teacher trained once per session by the real teacher_sft stage on the tiny data."""
+    from tasks import teacher_sft
+
+    d = tmp_path_factory.mktemp("teacher")
+    res = teacher_sft.run(tiny_params, base_lm_dir, tiny_manifest, d / "teacher", d / "metrics.json",
+                          d / "report.md", d / "live")
+    return {"dir": d / "teacher", "metrics": res, "report": d / "report.md", "live": d / "live"}
+
+
 # ------------------------------------------------------------------------------------ the real stack
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory) -> Iterator:

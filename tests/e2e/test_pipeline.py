@@ -22,7 +22,9 @@ def test_dvc_repro_runs_the_stages(tiny_repo):
     assert json.loads((tiny_repo / "reports" / "validate" / "metrics.json").read_text())["success"] is True
     assert (tiny_repo / "reports" / "validate" / "datadocs" / "index.html").exists()
     lock = yaml.safe_load((tiny_repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"convert", "synth", "ingest", "validate"}
+    assert set(lock["stages"]) == {"convert", "synth", "ingest", "validate", "teacher_sft", "label"}
+    labels = (tiny_repo / "data" / "labels" / "labels.jsonl").read_text().splitlines()
+    assert len(labels) == int(df.split.isin(["labelled", "unlabelled"]).sum())
     assert (tiny_repo / "models" / "base_lm" / "model.safetensors").exists()
     assert lock["stages"]["synth"]["params"]["params.yaml"]["synth"]["good_per_category"] == 20
     assert dvc(tiny_repo, "status", "--json").stdout.strip() == "{}"

@@ -1,0 +1,106 @@
+"""The local teacher (Lite0 -> projector -> SmolLM2 + LoRA), trained by the real teacher_sft stage on tiny data,
+and the resumable label stage."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from tasks.answer import AnswerSchema
+from tasks.teacher import LocalTeacher, TeacherMeta
+from tasks.vlm import Projector
+
+from ..conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_teacher_folder_is_saved_the_hugging_face_way(tiny_teacher):
+    d = tiny_teacher["dir"]
+    assert (d / "projector" / "config.json").exists() and (d / "adapter" / "adapter_config.json").exists()
+    assert (d / "anomaly_bank.safetensors").exists()
+    meta = TeacherMeta(**json.loads((d / "teacher.json").read_text()))
+    assert meta.types and meta.verdict_temperature > 0 and set(meta.ensemble) == {"w_lm", "w_anomaly", "bias"}
+    adapter = json.loads((d / "adapter" / "adapter_config.json").read_text())
+    assert set(adapter["target_modules"]) == {"q_proj", "v_proj"}
+    p1 = Projector.from_pretrained(d / "projector").eval()
+    p2 = Projector.from_pretrained(d / "projector").eval()
+    x = torch.randn(2, p1.config.n_tokens, p1.config.in_dim)
+    assert torch.equal(p1(x), p2(x)) and not torch.equal(p1.std, torch.ones_like(p1.std)), "standardiser saved"
+    assert not any(p.name.endswith(".bin") for p in d.rglob("*")), "safetensors only"
+
+
+def test_sft_reduces_the_held_out_loss_and_reports_lm_beside_ensemble(tiny_teacher):
+    m = tiny_teacher["metrics"]
+    assert m["best_val_loss"] < m["initial_val_loss"], m
+    assert m["val_auroc_lm"] is not None and m["val_auroc_ensemble"] is not None
+    report = tiny_teacher["report"].read_text()
+    assert "LM alone (calibrated)" in report and "ensemble (fitted on val)" in report
+    assert list((tiny_teacher["live"] / "plots" / "metrics").glob("*.tsv")), "DVCLive curves"
+
+
+def test_teacher_answers_through_the_schema_with_its_own_scores(tiny_teacher, tiny_manifest, tiny_params):
+    t = LocalTeacher(tiny_teacher["dir"])
+    df = pd.read_parquet(tiny_manifest).head(6)
+    preds = t.predict_paths(list(df.path), max_reason_tokens=6, top_k=3)
+    schema: AnswerSchema = t.meta.schema()
+    for p in preds:
+        a = p["answer"]
+        text = schema.format(schema.parse(
+            f"verdict: {a['verdict']}; type: {a['defect_type'] or 'none'}; location: {a['location'] or 'none'}; "
+            f"reason: {a['reason'] or 'x'}"))
+        assert text.startswith("verdict: ")
+        assert 0 <= p["p_defective"] <= 1 and 0 <= p["p_defective_lm"] <= 1
+        assert abs(sum(p["type_probs"].values()) - 1) < 1e-3 and abs(sum(p["location_probs"].values()) - 1) < 1e-3
+        assert (a["verdict"] == "defective") == (p["p_defective"] >= 0.5)
+        assert p["soft_targets"][0]["position"] == "verdict" and len(p["soft_targets"][0]["ids"]) == 3
+        assert p["generated_tokens"] <= 6
+    assert t.parameters() > 130e6
+
+
+def _label_cmd(params_file, teacher, manifest, out):
+    return [sys.executable, "-m", "tasks.label", "--params", str(params_file), "--teacher", str(teacher),
+            "--manifest", str(manifest), "--out", str(out)]
+
+
+def test_label_resumes_after_sigkill_with_identical_output(tiny_teacher, tiny_manifest, tmp_path):
+    from tasks import profiles
+
+    params_file = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params_file)
+    profiles.apply("tiny", params_file, REPO)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    full = tmp_path / "full"
+    subprocess.run(_label_cmd(params_file, tiny_teacher["dir"], tiny_manifest, full), check=True, env=env,
+                   capture_output=True, cwd=REPO)
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(_label_cmd(params_file, tiny_teacher["dir"], tiny_manifest, cut), env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list(cut.glob("cache/*/*.jsonl")):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(cut.glob("cache/*/*.jsonl")))
+    total = len(list(full.glob("cache/*/*.jsonl")))
+    assert 1 <= done_before < total, (done_before, total)
+    assert not (cut / "labels.jsonl").exists(), "killed before the final output was published"
+    for f in cut.glob("cache/*/*.jsonl"):  # visible cache entries are complete: writes are temp-then-rename
+        assert all(json.loads(line)["sha256"] for line in f.read_text().splitlines())
+    r = subprocess.run([*_label_cmd(params_file, tiny_teacher["dir"], tiny_manifest, cut), "--metrics",
+                        str(tmp_path / "m.json")], check=True, env=env, capture_output=True, cwd=REPO)
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["batches_reused"] == done_before and m["batches_computed"] == total - done_before, r.stderr
+    assert (cut / "labels.jsonl").read_bytes() == (full / "labels.jsonl").read_bytes()
+    recs = [json.loads(x) for x in (full / "labels.jsonl").read_text().splitlines()]
+    df = pd.read_parquet(tiny_manifest)
+    assert len(recs) == int(df.split.isin(["labelled", "unlabelled"]).sum())
+    assert {r["teacher"] for r in recs} == {LocalTeacher(tiny_teacher["dir"]).fingerprint}
+    assert all(r["parse_ok"] for r in recs) and m["parse_rate"] == 1.0
