@@ -108,7 +108,9 @@ def profile_apply(name: str, params: Annotated[Path, typer.Option(help="params f
 
 @app.command()
 def run(profile: Annotated[str | None, typer.Option(help="apply this profile to params.yaml first")] = None,
-        push: Annotated[bool, typer.Option(help="dvc push the outputs to the S3 remote")] = True) -> None:
+        push: Annotated[bool, typer.Option(help="dvc push the outputs to the S3 remote")] = True,
+        target: Annotated[str | None, typer.Option(help="run only this stage and the stages it needs")] = None,
+        ) -> None:
     """Bring the stack up if needed and run the `edgeqa-pipeline` flow against the local Prefect server."""
     from tasks.config import ParamsError, load_params
 
@@ -129,7 +131,7 @@ def run(profile: Annotated[str | None, typer.Option(help="apply this profile to 
 
     flow = pipeline.with_options(result_storage=f"s3-bucket/{stack.cfg.prefect_block}", persist_result=True)
     bench = str(Path(params.paths.bench_dir) / "pipeline.json")
-    state = flow(repo=str(REPO), push=push, bench_file=bench, return_state=True)
+    state = flow(repo=str(REPO), push=push, bench_file=bench, target=target, return_state=True)
     run_id = state.state_details.flow_run_id
     url = f"{stack.cfg.prefect_ui_url}/runs/flow-run/{run_id}"
     if state.is_completed():

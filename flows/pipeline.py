@@ -25,23 +25,31 @@ def _dvc_env() -> dict[str, str]:
     return {**os.environ, "DVC_NO_ANALYTICS": "1"}
 
 
-def stage_plan(repo: Path) -> list[tuple[str, dict[str, list[str]]]]:
+def stage_plan(repo: Path, target: str | None = None) -> list[tuple[str, dict[str, list[str]]]]:
     """Stages in dependency order (foreach entries as `name@key`), each with the markdown reports and metrics
-    files it declares in dvc.yaml. One read of DVC's own graph."""
+    files it declares in dvc.yaml. One read of DVC's own graph. With `target`, only that stage and the
+    stages it depends on (what `dvc repro <target>` would consider)."""
     import networkx as nx
     from dvc.repo import Repo
     from dvc.stage import PipelineStage
 
     with Repo(str(repo)) as r:
         graph = r.index.graph  # edges point from a stage to the stages it depends on
-        sub = graph.subgraph([s for s in graph.nodes if isinstance(s, PipelineStage)])
+        nodes = [s for s in graph.nodes if isinstance(s, PipelineStage)]
+        if target is not None:
+            match = [s for s in nodes if s.name == target]
+            if not match:
+                raise ValueError(f"unknown stage {target!r}; stages in dvc.yaml: {sorted(s.name for s in nodes)}")
+            keep = {match[0], *nx.descendants(graph, match[0])}
+            nodes = [s for s in nodes if s in keep]
+        sub = graph.subgraph(nodes)
         order = nx.lexicographical_topological_sort(sub.reverse(copy=True), key=lambda s: s.name)
         return [(s.name, {"reports": [str(o.def_path) for o in s.outs if str(o.def_path).endswith(".md")],
                           "metrics": [str(o.def_path) for o in s.outs if o.metric]}) for s in order]
 
 
-def dag_stages(repo: Path) -> list[str]:
-    return [name for name, _ in stage_plan(repo)]
+def dag_stages(repo: Path, target: str | None = None) -> list[str]:
+    return [name for name, _ in stage_plan(repo, target)]
 
 
 def _artifact_key(stage: str, kind: str) -> str:
@@ -97,12 +105,14 @@ def dvc_push(repo: str) -> str:
 
 
 @flow(name="edgeqa-pipeline", log_prints=True)
-def pipeline(repo: str = ".", push: bool = True, bench_file: str | None = None) -> dict[str, Any]:
-    """Run every DVC stage of `repo` in DAG order as Prefect tasks, record per-stage wall times, push."""
+def pipeline(repo: str = ".", push: bool = True, bench_file: str | None = None,
+             target: str | None = None) -> dict[str, Any]:
+    """Run the DVC stages of `repo` in DAG order as Prefect tasks (all, or those `target` needs), record
+    per-stage wall times, push."""
     logger = get_run_logger()
     t0 = time.perf_counter()
     root = Path(repo).resolve()
-    plan = stage_plan(root)
+    plan = stage_plan(root, target)
     logger.info("stages in DAG order: %s", ", ".join(name for name, _ in plan))
     results = [run_stage(name, str(root), files) for name, files in plan]
     pushed = dvc_push(str(root)) if push else "skipped"

@@ -10,6 +10,13 @@ from flows.pipeline import dag_stages
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
+def test_target_selects_a_stage_and_what_it_needs(flow_run):
+    assert dag_stages(flow_run["repo"], "validate") == ["synth", "ingest", "validate"]
+    assert dag_stages(flow_run["repo"], "convert") == ["convert"]
+    with pytest.raises(ValueError, match="unknown stage 'nope'"):
+        dag_stages(flow_run["repo"], "nope")
+
+
 def test_stage_order_comes_from_dvc_yaml(flow_run):
     assert dag_stages(flow_run["repo"]) == ["convert", "synth", "ingest", "validate", "teacher_sft", "label"]
 
