@@ -96,6 +96,14 @@ def md_table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(out)
 
 
+def output_args(p: argparse.ArgumentParser, out: str | None = "output folder") -> None:
+    """The outputs every stage CLI takes from dvc.yaml: --out (unless None), --metrics, --report."""
+    if out is not None:
+        p.add_argument("--out", required=True, type=Path, help=out)
+    p.add_argument("--metrics", type=Path, help="metrics JSON (DVC metrics)")
+    p.add_argument("--report", type=Path, help="markdown report (published by the Prefect flow)")
+
+
 def stage_main(description: str, run: Callable[[argparse.Namespace], int | None],
                add_args: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
     """The thin CLI around a stage's pure `run(...)`: parse args, configure logging, map errors to exit 2."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.common import StageError, atomic_dir, atomic_write_text, md_table, stage_main, write_json
+from tasks.common import StageError, atomic_dir, atomic_write_text, md_table, output_args, stage_main, write_json
 from tasks.config import BaseLMConfig, load_params
 
 log = logging.getLogger("edgeqa.convert")
@@ -92,9 +92,7 @@ def run(cfg: BaseLMConfig, out: Path, metrics: Path | None = None, report: Path 
 
 
 def _args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--metrics", type=Path)
-    p.add_argument("--report", type=Path)
+    output_args(p, "Hugging Face model folder to write")
 
 
 def _main(args: argparse.Namespace) -> None:

@@ -30,6 +30,7 @@ from tasks.common import (
     atomic_write_bytes,
     atomic_write_text,
     md_table,
+    output_args,
     sha256_file,
     stage_main,
     write_json,
@@ -331,9 +332,7 @@ def run(cfg: IngestConfig, root: Path, out: Path, metrics: Path | None = None,
 
 
 def _args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output folder for manifest.parquet")
-    p.add_argument("--metrics", type=Path)
-    p.add_argument("--report", type=Path)
+    output_args(p, "output folder for manifest.parquet")
 
 
 def _main(args: argparse.Namespace) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 
 from tasks.answer import PROMPT, Answer, AnswerParseError
-from tasks.common import StageError, atomic_write_text, md_table, stage_main, write_json
+from tasks.common import StageError, atomic_write_text, md_table, output_args, stage_main, write_json
 from tasks.config import Params, load_params
 
 log = logging.getLogger("edgeqa.label")
@@ -113,9 +113,7 @@ def run(p: Params, teacher_dir: Path, manifest: Path, out: Path, metrics: Path |
 def _args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--teacher", required=True, type=Path)
     ap.add_argument("--manifest", required=True, type=Path)
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--metrics", type=Path)
-    ap.add_argument("--report", type=Path)
+    output_args(ap, "labels folder (labels.jsonl and its resume cache)")
 
 
 def _main(args: argparse.Namespace) -> None:

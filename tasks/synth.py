@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from tasks.common import atomic_dir, md_table, stage_main, write_json
+from tasks.common import atomic_dir, md_table, output_args, stage_main, write_json
 from tasks.config import SynthCategory, SynthConfig, load_params
 
 log = logging.getLogger("edgeqa.synth")
@@ -243,9 +243,7 @@ def run(cfg: SynthConfig, out: Path, metrics: Path | None = None, report: Path |
 
 
 def _args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, type=Path, help="dataset root to write (MVTec layout)")
-    p.add_argument("--metrics", type=Path)
-    p.add_argument("--report", type=Path)
+    output_args(p, "dataset root to write (MVTec layout)")
 
 
 def _main(args: argparse.Namespace) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks.common import StageError, atomic_dir, atomic_write_text, md_table, stage_main, write_json
+from tasks.common import StageError, atomic_dir, atomic_write_text, md_table, output_args, stage_main, write_json
 from tasks.config import GRID_WORDS, Params, load_params
 
 log = logging.getLogger("edgeqa.teacher_sft")
@@ -206,9 +206,7 @@ def run(p: Params, base_lm_dir: Path, manifest: Path, out: Path, metrics: Path |
 def _args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--base-lm", required=True, type=Path)
     ap.add_argument("--manifest", required=True, type=Path)
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--metrics", type=Path)
-    ap.add_argument("--report", type=Path)
+    output_args(ap, "teacher folder to write")
     ap.add_argument("--live", type=Path, help="DVCLive folder for the training curves")
 
 

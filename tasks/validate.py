@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from tasks.common import StageError, atomic_write_text, md_table, stage_main, write_json
+from tasks.common import StageError, atomic_write_text, md_table, output_args, stage_main, write_json
 from tasks.config import GRID_WORDS, SPLITS, IngestConfig, ValidateConfig, load_params
 from tasks.manifest import COLUMNS, LABELS, REQUIRED
 
@@ -249,8 +249,7 @@ def run(ingest: IngestConfig, cfg: ValidateConfig, manifest: Path, docs_dir: Pat
 def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", required=True, type=Path)
     p.add_argument("--docs", required=True, type=Path, help="Data Docs output folder")
-    p.add_argument("--metrics", type=Path)
-    p.add_argument("--report", type=Path)
+    output_args(p, out=None)
 
 
 def _main(args: argparse.Namespace) -> None:
