@@ -108,11 +108,10 @@ class LocalTeacher:
 
         f = image_features(self.backbone, paths, self.meta.image_size, self.meta.grid)
         tokens = torch.from_numpy(f["tokens"])
-        lm_logit, _ = self.model.verdict_logits(tokens)
-        lm_logit_np = lm_logit.numpy()
+        verdict = self.model.verdict_logits(tokens)  # scored once, reused by predict
         anomaly = anomaly_scores(f["patches"], self.bank) if self.bank is not None else None
-        p = ensemble_p(self.meta, lm_logit_np, anomaly)
-        preds = self.model.predict(tokens, max_reason_tokens, top_k, p_defective=p.tolist())
+        p = ensemble_p(self.meta, verdict[0].numpy(), anomaly)
+        preds = self.model.predict(tokens, max_reason_tokens, top_k, p_defective=p.tolist(), verdict=verdict)
         out = []
         for i, pr in enumerate(preds):
             rec = asdict(pr)

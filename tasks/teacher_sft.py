@@ -141,14 +141,12 @@ def run(p: Params, base_lm_dir: Path, manifest: Path, out: Path, metrics: Path |
         type_acc = float((lp.argmax(1) == tgt).mean())
     # anomaly evidence and the ensemble, fitted on val
     ens, a_mean, a_std, auc_anom, auc_ens = {"w_lm": 1.0, "w_anomaly": 0.0, "bias": 0.0}, 0.0, 1.0, None, None
-    bank = None
+    bank, a_va_scores = None, None
     if cfg.anomaly:
         good = np.flatnonzero((train.label == "good").to_numpy())
         bank = ftr["patches"][good].reshape(-1, ftr["patches"].shape[-1])
-        a_tr_scores = anomaly_scores(ftr["patches"][good], bank)  # self-distance 0: use val for scaling below
-        a_va_scores = anomaly_scores(fva["patches"], bank)
+        a_va_scores = anomaly_scores(fva["patches"], bank)  # scaled on val: train patches are in the bank
         a_mean, a_std = float(a_va_scores.mean()), float(a_va_scores.std() + 1e-6)
-        del a_tr_scores
         from sklearn.linear_model import LogisticRegression
 
         xs = np.stack([d_va / t_verdict, (a_va_scores - a_mean) / a_std], 1)
@@ -163,8 +161,7 @@ def run(p: Params, base_lm_dir: Path, manifest: Path, out: Path, metrics: Path |
     if cfg.anomaly:
         from tasks.teacher import ensemble_p
 
-        assert bank is not None
-        auc_ens = _auroc(y_va, ensemble_p(meta, d_va, anomaly_scores(fva["patches"], bank)))
+        auc_ens = _auroc(y_va, ensemble_p(meta, d_va, a_va_scores))
     with atomic_dir(out) as tmp:
         proj.save_pretrained(tmp / "projector")
         lm.save_pretrained(tmp / "adapter")

@@ -193,11 +193,13 @@ class VisionLM:
             return score_options(self.lm, e, m, self.layout.options["type"][:len(types)]).logprobs
 
     def predict(self, tokens: torch.Tensor, max_reason_tokens: int, top_k: int,
-                p_defective: Sequence[float] | None = None) -> list[Prediction]:
+                p_defective: Sequence[float] | None = None,
+                verdict: tuple[torch.Tensor, Any] | None = None) -> list[Prediction]:
         """Answer for a batch of images. `p_defective` (e.g. an ensemble with anomaly evidence) may override the
-        LM's calibrated P(defective) for the verdict; the LM's own score is kept beside it."""
+        LM's calibrated P(defective) for the verdict; the LM's own score is kept beside it. `verdict` passes
+        the result of `verdict_logits(tokens)` when the caller already has it."""
         L, schema = self.layout, self.layout.schema
-        d, vs = self.verdict_logits(tokens)
+        d, vs = verdict if verdict is not None else self.verdict_logits(tokens)
         p_lm = torch.sigmoid(d / self.verdict_temperature)
         p = torch.tensor(list(p_defective)) if p_defective is not None else p_lm
         n = len(tokens)
