@@ -6,8 +6,8 @@ position, the teacher fingerprint and the prompt hash.
 
 Resumable: batches are fixed by position in the pool, and each finished batch is written atomically to a
 cache keyed by (image hashes, teacher fingerprint, prompt hash). A killed run restarts with only the missing
-batches; the finished ones are reused untouched. Recomputed batches equal an uninterrupted run's up to the
-CPU math library's cross-process float noise (none on our dev machine, 1e-5 in log-probs once on CI).
+batches; the finished ones are reused untouched. The final output is byte-identical to an uninterrupted run's
+when both use the same CPU kernels (see the README on MKL_CBWR / ATEN_CPU_CAPABILITY).
 """
 
 from __future__ import annotations

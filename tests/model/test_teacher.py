@@ -70,16 +70,11 @@ def _label_cmd(params_file, teacher, manifest, out):
             "--manifest", str(manifest), "--out", str(out)]
 
 
-def _close(a, b, tol: float, where: str) -> None:
-    """Numbers of two label records agree within `tol`; used where the same model ran in two processes."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _close(a[k], b[k], tol, f"{where}.{k}")
-    elif isinstance(a, float) or isinstance(b, float):
-        assert abs(a - b) <= tol, (where, a, b)
-    else:
-        assert a == b, (where, a, b)
+# The CPU math libraries pick their kernels (AVX-512 or AVX2) per process from the CPU they see; different
+# kernels round differently (1e-6 in the LM's logits, enough to flip a near-tie greedy token). CI once gave
+# two processes different results, most likely this way. Pinning the kernels makes separate processes
+# bit-reproducible (measured here: AVX2 and AVX-512 logits differ; repeated pinned runs are identical).
+PINNED_KERNELS = {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def test_label_resumes_after_sigkill(tiny_teacher, tiny_manifest, tmp_path):
@@ -88,7 +83,7 @@ def test_label_resumes_after_sigkill(tiny_teacher, tiny_manifest, tmp_path):
     params_file = tmp_path / "params.yaml"
     shutil.copy(REPO / "params.yaml", params_file)
     profiles.apply("tiny", params_file, REPO)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **PINNED_KERNELS}
     full = tmp_path / "full"
     subprocess.run(_label_cmd(params_file, tiny_teacher["dir"], tiny_manifest, full), check=True, env=env,
                    capture_output=True, cwd=REPO)
@@ -113,17 +108,10 @@ def test_label_resumes_after_sigkill(tiny_teacher, tiny_manifest, tmp_path):
     after = {f.name: f.read_bytes() for f in cut.glob("cache/*/*.jsonl")}
     assert {k: after[k] for k in before} == before, "finished batches are reused untouched, never recomputed"
     assert sorted(after) == sorted(f.name for f in full.glob("cache/*/*.jsonl")), "same batch keys"
+    assert (cut / "labels.jsonl").read_bytes() == (full / "labels.jsonl").read_bytes(), "hash-equal outputs"
     got = [json.loads(x) for x in (cut / "labels.jsonl").read_text().splitlines()]
-    ref = [json.loads(x) for x in (full / "labels.jsonl").read_text().splitlines()]
     df = pd.read_parquet(tiny_manifest)
     pool = df[df.split.isin(["labelled", "unlabelled"])]
-    assert [r["sha256"] for r in got] == [r["sha256"] for r in ref] == list(pool.sha256), "every image once, in order"
-    # Against the uninterrupted run (another process): the same answers' scores, up to float noise. Greedy text
-    # and top-k ids are not compared: a 1e-5 difference in the LM's log-probs, seen between two processes on
-    # the CI machine, can flip a near-tie token.
-    for g, f in zip(got, ref):
-        for k in ("p_defective", "p_defective_lm", "anomaly_score", "type_probs", "location_probs"):
-            _close(g[k], f[k], 1e-3, f"{g['path']}:{k}")
-        assert (g["teacher"], g["prompt_hash"], g["split"]) == (f["teacher"], f["prompt_hash"], f["split"])
+    assert [r["sha256"] for r in got] == list(pool.sha256), "every image once, in pool order"
     assert {r["teacher"] for r in got} == {LocalTeacher(tiny_teacher["dir"]).fingerprint}
     assert all(r["parse_ok"] for r in got) and m["parse_rate"] == 1.0
