@@ -19,6 +19,10 @@ from typing import Any
 from tasks.config import GRID_WORDS
 
 PROMPT = "You are a product quality engineer, justify the quality of the product and provide the reason."
+# Asked once more when an answer does not parse (free-text backends; the local teacher forces the form).
+STRICT_PROMPT = ("Answer in exactly one line of this form and nothing else: 'verdict: good|defective; type: <one of "
+                 "the listed types, or none>; location: <one of the listed locations, or none>; reason: <a short "
+                 "plain sentence>'.")
 VERDICTS = ("good", "defective")
 NONE = "none"
 FIELDS = ("verdict", "type", "location", "reason")

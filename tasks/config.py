@@ -6,6 +6,7 @@ Nothing happens at import time.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -189,6 +190,29 @@ class LabelConfig(_Section):
     batch_size: int = Field(ge=1, le=256)
 
 
+class EvalModelConfig(_Section):
+    dir: str = Field(min_length=1)  # the model folder the stage evaluates
+
+
+class EvaluateConfig(_Section):
+    """Stage `evaluate`, a dvc.yaml foreach over `models` (name -> folder)."""
+
+    models: dict[str, EvalModelConfig] = Field(min_length=1)
+    split: Literal["test", "val"]
+    batch_size: int = Field(ge=1, le=256)
+    bootstrap: int = Field(ge=0, le=100_000)  # paired bootstrap resamples for delta-AUROC intervals
+    seed: int = Field(ge=0)
+    reason_similarity: bool  # all-MiniLM-L6-v2 similarity of each reason to its reference
+
+    @field_validator("models")
+    @classmethod
+    def _names(cls, v: dict[str, EvalModelConfig]) -> dict[str, EvalModelConfig]:
+        for name in v:
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+                raise ValueError(f"model name {name!r}: use lower-case letters, digits and _ (it names a folder)")
+        return v
+
+
 class Params(_Section):
     paths: PathsConfig
     base_lm: BaseLMConfig
@@ -197,6 +221,15 @@ class Params(_Section):
     synth: SynthConfig
     ingest: IngestConfig
     validate_: ValidateConfig = Field(alias="validate")
+    evaluate: EvaluateConfig
+
+    @model_validator(mode="after")
+    def _teacher_dir(self) -> Params:
+        t = self.evaluate.models.get("teacher")
+        if t is not None and t.dir != self.paths.teacher_dir:
+            raise ValueError(f"evaluate.models.teacher.dir is {t.dir!r} but paths.teacher_dir is "
+                             f"{self.paths.teacher_dir!r}; they must be the same folder")
+        return self
 
     @property
     def validate_cfg(self) -> ValidateConfig:

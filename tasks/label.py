@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from tasks.answer import PROMPT, Answer, AnswerParseError
+from tasks.answer import PROMPT, STRICT_PROMPT, Answer, AnswerParseError
 from tasks.common import StageError, atomic_write_text, md_table, output_args, stage_main, write_json
 from tasks.config import Params, load_params
 
@@ -34,20 +34,58 @@ def prompt_hash(layout_text: str) -> str:
     return hashlib.sha256(layout_text.encode()).hexdigest()[:16]
 
 
+def answer_records(teacher: Any, rows: pd.DataFrame, ph: str, max_reason_tokens: int, top_k: int
+                   ) -> list[dict[str, Any]]:
+    """The teacher's answers for manifest rows, one record each. An answer that does not parse is asked again
+    once with the stricter prompt; if it still fails it is kept, counted and reported (`parse_ok: false`)."""
+    schema = teacher.meta.schema()
+    paths = list(rows.path)
+    preds = teacher.predict_paths(paths, max_reason_tokens, top_k)
+    retried = [i for i, pr in enumerate(preds) if _parse_error(schema, pr) is not None]
+    if retried:
+        log.info("retrying %d answers that did not parse, with the stricter prompt", len(retried))
+        again = teacher.predict_paths([paths[i] for i in retried], max_reason_tokens, top_k, strict=True)
+        for i, pr in zip(retried, again):
+            preds[i] = pr
+    out = []
+    for j, ((_, row), pr) in enumerate(zip(rows.iterrows(), preds)):
+        a = pr["answer"]
+        why = _parse_error(schema, pr)
+        rec: dict[str, Any] = {"sha256": row.sha256, "path": row.path, "split": row.split,
+                               "teacher": teacher.fingerprint, "prompt_hash": ph,
+                               "parse_ok": why is None, "parse_error": why, "retried": j in retried,
+                               "verdict": a["verdict"], "type": a["defect_type"], "location": a["location"],
+                               "reason": a["reason"]}
+        rec.update({k: v for k, v in pr.items() if k != "answer"})
+        out.append(rec)
+    return out
+
+
+def _parse_error(schema: Any, pr: dict[str, Any]) -> str | None:
+    """Why a prediction's answer does not read back through the strict parser (None: it does)."""
+    if pr.get("raw_error"):
+        return str(pr["raw_error"])
+    try:
+        schema.parse(schema.format(Answer(**pr["answer"])))
+    except AnswerParseError as exc:
+        return exc.why
+    return None
+
+
 def run(p: Params, teacher_dir: Path, manifest: Path, out: Path, metrics: Path | None = None,
         report: Path | None = None) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from tasks.teacher import LocalTeacher
+    from tasks.teacher import load_teacher
 
     t0 = time.perf_counter()
     df = pd.read_parquet(manifest)
     pool = df[df.split.isin(p.label.pools)].reset_index(drop=True)
     if pool.empty:
         raise StageError(f"label: no images in the pools {p.label.pools} of {manifest}")
-    teacher = LocalTeacher(teacher_dir, p.teacher.threads)
+    teacher = load_teacher(teacher_dir, p.teacher.threads)
     schema = teacher.meta.schema()
-    ph = prompt_hash(PROMPT + repr(schema.options()))
+    ph = prompt_hash(PROMPT + STRICT_PROMPT + repr(schema.options()))
     cache = out / "cache" / f"{teacher.fingerprint}-{ph}"
     cache.mkdir(parents=True, exist_ok=True)
     bs = p.label.batch_size
@@ -61,21 +99,9 @@ def run(p: Params, teacher_dir: Path, manifest: Path, out: Path, metrics: Path |
             reused += 1
             continue
         t1 = time.perf_counter()
-        preds = teacher.predict_paths(list(b.path), p.teacher.max_reason_tokens, p.teacher.top_k)
+        lines = [json.dumps(r, sort_keys=True) for r in answer_records(teacher, b, ph, p.teacher.max_reason_tokens,
+                                                                         p.teacher.top_k)]
         t_pred += time.perf_counter() - t1
-        lines = []
-        for (_, row), pr in zip(b.iterrows(), preds):
-            a = Answer(**pr["answer"])
-            rec: dict[str, Any] = {"sha256": row.sha256, "path": row.path, "split": row.split,
-                                   "teacher": teacher.fingerprint, "prompt_hash": ph}
-            try:
-                schema.parse(schema.format(a))
-                rec.update(parse_ok=True, parse_error=None)
-            except AnswerParseError as exc:
-                rec.update(parse_ok=False, parse_error=exc.why)
-            rec.update({"verdict": a.verdict, "type": a.defect_type, "location": a.location, "reason": a.reason,
-                        **{k: v for k, v in pr.items() if k != "answer"}})
-            lines.append(json.dumps(rec, sort_keys=True))
         atomic_write_text(f, "\n".join(lines) + "\n")
         computed += 1
     records = []

@@ -101,7 +101,10 @@ class LocalTeacher:
         """Every parameter loaded at inference: LM (embeddings included), LoRA, projector, vision backbone."""
         return sum(p.numel() for m in (self.model.lm, self.model.projector, self.backbone) for p in m.parameters())
 
-    def predict_paths(self, paths: list[str], max_reason_tokens: int, top_k: int) -> list[dict[str, Any]]:
+    def predict_paths(self, paths: list[str], max_reason_tokens: int, top_k: int, strict: bool = False
+                      ) -> list[dict[str, Any]]:
+        """Answers for image files. The closed fields are forced, so the only way an answer can fail to parse
+        is an empty reason; `strict` (the retry) then forbids stopping before a few reason tokens."""
         import torch
 
         from tasks.vision import image_features
@@ -111,7 +114,8 @@ class LocalTeacher:
         verdict = self.model.verdict_logits(tokens)  # scored once, reused by predict
         anomaly = anomaly_scores(f["patches"], self.bank) if self.bank is not None else None
         p = ensemble_p(self.meta, verdict[0].numpy(), anomaly)
-        preds = self.model.predict(tokens, max_reason_tokens, top_k, p_defective=p.tolist(), verdict=verdict)
+        preds = self.model.predict(tokens, max_reason_tokens, top_k, p_defective=p.tolist(), verdict=verdict,
+                                   min_reason_tokens=min(3, max_reason_tokens) if strict else 0)
         out = []
         for i, pr in enumerate(preds):
             rec = asdict(pr)
@@ -119,3 +123,8 @@ class LocalTeacher:
             rec["anomaly_score"] = None if anomaly is None else round(float(anomaly[i]), 6)
             out.append(rec)
         return out
+
+
+def load_teacher(folder: Path, threads: int = 2) -> LocalTeacher:
+    """The teacher a folder describes (the `teacher_sft` output)."""
+    return LocalTeacher(folder, threads)

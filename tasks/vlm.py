@@ -194,10 +194,11 @@ class VisionLM:
 
     def predict(self, tokens: torch.Tensor, max_reason_tokens: int, top_k: int,
                 p_defective: Sequence[float] | None = None,
-                verdict: tuple[torch.Tensor, Any] | None = None) -> list[Prediction]:
+                verdict: tuple[torch.Tensor, Any] | None = None, min_reason_tokens: int = 0) -> list[Prediction]:
         """Answer for a batch of images. `p_defective` (e.g. an ensemble with anomaly evidence) may override the
         LM's calibrated P(defective) for the verdict; the LM's own score is kept beside it. `verdict` passes
-        the result of `verdict_logits(tokens)` when the caller already has it."""
+        the result of `verdict_logits(tokens)` when the caller already has it. `min_reason_tokens` forbids
+        stopping before that many reason tokens (the stricter retry of an empty reason)."""
         L, schema = self.layout, self.layout.schema
         d, vs = verdict if verdict is not None else self.verdict_logits(tokens)
         p_lm = torch.sigmoid(d / self.verdict_temperature)
@@ -240,6 +241,7 @@ class VisionLM:
         with torch.inference_mode():
             e, m = self.contexts(img, tails)
             out = self.lm.generate(inputs_embeds=e, attention_mask=m, max_new_tokens=max_reason_tokens,
+                                   min_new_tokens=min_reason_tokens or None,
                                    do_sample=False, eos_token_id=L.stops, pad_token_id=L.end,
                                    output_scores=True, return_dict_in_generate=True)
         seqs = out.sequences

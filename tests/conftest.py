@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# The DAG of dvc.yaml in the order the flow runs it (DVC's topological order, ties by name).
+STAGES = ("convert", "synth", "ingest", "validate", "teacher_sft", "evaluate@teacher", "label")
 SHARED_MTILE = REPO.parent / "shared" / "datasets" / "magnetic-tile"
 VENV_BIN = str(Path(sys.executable).parent)
 

@@ -9,7 +9,7 @@ import yaml
 
 from tasks import profiles
 
-from ..conftest import REPO, copy_repo, dvc
+from ..conftest import REPO, STAGES, copy_repo, dvc
 
 SHARED = REPO.parent / "shared"
 
@@ -22,7 +22,7 @@ def test_dvc_repro_runs_the_stages(tiny_repo):
     assert json.loads((tiny_repo / "reports" / "validate" / "metrics.json").read_text())["success"] is True
     assert (tiny_repo / "reports" / "validate" / "datadocs" / "index.html").exists()
     lock = yaml.safe_load((tiny_repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"convert", "synth", "ingest", "validate", "teacher_sft", "label"}
+    assert set(lock["stages"]) == set(STAGES)
     labels = (tiny_repo / "data" / "labels" / "labels.jsonl").read_text().splitlines()
     assert len(labels) == int(df.split.isin(["labelled", "unlabelled"]).sum())
     assert (tiny_repo / "models" / "base_lm" / "model.safetensors").exists()
@@ -34,7 +34,16 @@ def test_dvc_repro_runs_the_stages(tiny_repo):
 
 def _params_of_stage(repo) -> dict[str, list[str]]:
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
-    return {name: [p for p in s.get("params", []) if isinstance(p, str)] for name, s in stages.items()}
+    models = yaml.safe_load((repo / "params.yaml").read_text())["evaluate"]["models"]
+    out = {}
+    for name, s in stages.items():
+        keys = [p for p in s.get("do", s).get("params", []) if isinstance(p, str)]
+        if "foreach" in s:  # only the evaluate stage loops, over evaluate.models
+            assert s["foreach"] == "${evaluate.models}"
+            out.update({f"{name}@{m}": keys for m in models})
+        else:
+            out[name] = keys
+    return out
 
 
 @pytest.mark.parametrize("profile", ["mtile", "full"])

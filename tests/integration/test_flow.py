@@ -7,6 +7,8 @@ import pytest
 
 from flows.pipeline import dag_stages
 
+from ..conftest import STAGES
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
@@ -18,7 +20,7 @@ def test_target_selects_a_stage_and_what_it_needs(flow_run):
 
 
 def test_stage_order_comes_from_dvc_yaml(flow_run):
-    assert dag_stages(flow_run["repo"]) == ["convert", "synth", "ingest", "validate", "teacher_sft", "label"]
+    assert dag_stages(flow_run["repo"]) == list(STAGES)
 
 
 def test_flow_run_task_runs_and_artifacts_via_the_api(flow_run, prefect_api):
@@ -38,13 +40,12 @@ def test_flow_run_task_runs_and_artifacts_via_the_api(flow_run, prefect_api):
     fr, trs, arts = asyncio.run(read())
     assert fr.state.is_completed() and fr.name
     names = sorted(t.name for t in trs)
-    assert [n for n in names if not n.startswith("dvc-push")] == ["convert", "ingest", "label", "synth", "teacher_sft",
-                                                                        "validate"]
+    assert [n for n in names if not n.startswith("dvc-push")] == sorted(STAGES)
     assert any(n.startswith("dvc-push") for n in names)
     assert all(t.state.is_completed() for t in trs)
     keys = {a.key for a in arts}
-    for stage in ("convert", "synth", "ingest", "validate", "teacher_sft", "label"):
-        key = stage.replace("_", "-")  # artifact keys allow lowercase letters, digits and dashes
+    for stage in STAGES:
+        key = stage.replace("_", "-").replace("@", "-")  # artifact keys: lowercase letters, digits and dashes
         assert f"{key}-report" in keys and f"{key}-metrics" in keys
     report = next(a for a in arts if a.key == "validate-report")
     assert "PASSED" in report.data
@@ -69,7 +70,7 @@ def test_secret_appears_in_no_artifact_and_no_flow_log(flow_run, stack, prefect_
     for entry in logs:
         assert secret not in entry.message
     messages = "\n".join(e.message for e in logs)
-    for stage in ("convert", "synth", "ingest", "validate", "teacher_sft", "label"):
+    for stage in STAGES:
         assert f"{stage} | Running stage '{stage}'" in messages, "each stage's output is streamed to Prefect"
     assert "validate | " in messages and "expectations passed" in messages
 
@@ -85,8 +86,7 @@ def test_results_and_outputs_land_in_s3(flow_run, stack):
 def test_flow_writes_per_stage_wall_times(flow_run):
     recs = json.loads((flow_run["repo"] / "reports" / "bench" / "pipeline.json").read_text())["records"]
     names = {r["name"] for r in recs}
-    assert {"stage:convert", "stage:synth", "stage:ingest", "stage:validate", "stage:teacher_sft", "stage:label",
-            "pipeline:flow_wall"} <= names
+    assert {f"stage:{s}" for s in STAGES} | {"pipeline:flow_wall"} <= names
     for r in recs:
         assert set(r) == {"name", "value", "unit", "target", "command", "machine", "date"}
         assert r["value"] > 0

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -115,3 +116,32 @@ def test_label_resumes_after_sigkill(tiny_teacher, tiny_manifest, tmp_path):
     assert [r["sha256"] for r in got] == list(pool.sha256), "every image once, in pool order"
     assert {r["teacher"] for r in got} == {LocalTeacher(tiny_teacher["dir"]).fingerprint}
     assert all(r["parse_ok"] for r in got) and m["parse_rate"] == 1.0
+
+
+def test_evaluate_stage_on_the_test_split(tiny_teacher, tiny_manifest, tiny_params, tmp_path):
+    from tasks import evaluate
+    from tasks.evaluate import compute
+
+    out = tmp_path / "eval"
+    res = evaluate.run(tiny_params, "teacher", tiny_teacher["dir"], tiny_manifest, out, tmp_path / "m.json",
+                       tmp_path / "report.md")
+    df = pd.read_parquet(tiny_manifest)
+    rows = df[df.split == "test"].reset_index(drop=True)
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [p["sha256"] for p in preds] == list(rows.sha256) and res["images"] == len(rows)
+    saved = json.loads((tmp_path / "m.json").read_text())
+    ing = tiny_params.ingest
+    again = compute(rows, preds, tuple(ing.defect_types), list(ing.mask_facts.size_classes),
+                    np.array([p["reason_similarity"] for p in preds]), tiny_params.evaluate.bootstrap,
+                    tiny_params.evaluate.seed)
+    for k, v in again.items():  # every figure is reproducible from the stage's own predictions (rounded to 1e-6)
+        assert saved[k] == v or (isinstance(v, float) and abs(saved[k] - v) < 1e-6), k
+    assert 0 <= saved["auroc"] <= 1 and saved["auroc_lm_alone"] is not None and saved["parse_rate"] == 1.0
+    assert saved["lm_alone_vs_answer"]["resamples"] > 0 and saved["type_accuracy"] is not None
+    assert -1 <= saved["reason_similarity"] <= 1 and saved["location_accuracy"] is not None
+    assert sum(v for row in saved["confusion"].values() for v in row.values()) == len(rows)
+    roc = json.loads((out / "roc.json").read_text())["roc"]
+    assert roc[0]["fpr"] == 0 and roc[-1]["tpr"] == 1
+    assert len(json.loads((out / "confusion.json").read_text())["confusion"]) == len(rows)
+    text = (tmp_path / "report.md").read_text()
+    assert "# evaluate: teacher" in text and "LM alone" in text and "Type accuracy per type" in text
