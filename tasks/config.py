@@ -163,9 +163,35 @@ class BaseLMConfig(_Section):
     probe_text: str = Field(min_length=1)
 
 
-class TeacherConfig(_Section):
-    """The local teacher: frozen Lite0 features -> projector -> SmolLM2 with LoRA, SFT on the labelled split."""
+class HFBackendConfig(_Section):
+    """Backend `hf`: a local Hugging Face VLM folder (BLIP-2, or any AutoModelForImageTextToText), zero-shot."""
 
+    path: str | None  # the model folder (save_pretrained layout); required when backend is hf
+    max_new_tokens: int = Field(ge=1, le=512)
+
+
+class OpenAIBackendConfig(_Section):
+    """Backend `openai`: an OpenAI-compatible chat-completions endpoint."""
+
+    base_url: str = Field(pattern=r"^https?://")
+    model: str = Field(min_length=1)
+    api_key_env: str = Field(pattern=r"^[A-Z_][A-Z0-9_]*$")  # the NAME of the variable; the key never goes here
+    timeout_s: float = Field(gt=0, le=600)
+    max_retries: int = Field(ge=0, le=20)
+    concurrency: int = Field(ge=1, le=64)
+    structured_output: bool
+    max_new_tokens: int = Field(ge=1, le=4096)
+    price_in_per_mtok: float = Field(ge=0)  # USD per million prompt tokens, for cost accounting
+    price_out_per_mtok: float = Field(ge=0)
+
+
+class TeacherConfig(_Section):
+    """The teacher. `local` (default): frozen Lite0 features -> projector -> SmolLM2 with LoRA, SFT on the
+    labelled split. `hf` and `openai`: zero-shot backends (tasks/backends.py)."""
+
+    backend: Literal["local", "hf", "openai"]
+    hf: HFBackendConfig
+    openai: OpenAIBackendConfig
     seed: int = Field(ge=0)
     image_size: int = Field(ge=64, le=1024)
     grid: int = Field(ge=1, le=8)
@@ -183,6 +209,12 @@ class TeacherConfig(_Section):
     max_reason_tokens: int = Field(ge=1, le=256)
     top_k: int = Field(ge=1, le=100)
     threads: int = Field(ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _hf_path(self) -> TeacherConfig:
+        if self.backend == "hf" and not self.hf.path:
+            raise ValueError("teacher.hf.path must name a Hugging Face VLM folder when teacher.backend is hf")
+        return self
 
 
 class LabelConfig(_Section):

@@ -56,7 +56,8 @@ def compute(rows: pd.DataFrame, recs: list[dict[str, Any]], types: tuple[str, ..
     if [r["sha256"] for r in recs] != list(rows.sha256):
         raise StageError("evaluate: predictions and manifest rows are not aligned (sha256 order differs)")
     y = (rows.label == "defective").to_numpy().astype(int)
-    pred = np.array([r["verdict"] == "defective" for r in recs], dtype=int)
+    # An answer that did not parse has no verdict: it counts as a reject (the part goes to a human).
+    pred = np.array([r["verdict"] != "good" for r in recs], dtype=int)
     p = np.array([r["p_defective"] for r in recs], dtype=float)
     out: dict[str, Any] = {"images": len(recs), "defective": int(y.sum()), "good": int((1 - y).sum())}
     out.update(M.verdict_metrics(y, pred, p))
@@ -114,8 +115,8 @@ def compute(rows: pd.DataFrame, recs: list[dict[str, Any]], types: tuple[str, ..
         out["reason_similarity_good"] = float(similarity[y == 0].mean()) if (y == 0).any() else None
     else:
         out["reason_similarity"] = out["reason_similarity_defective"] = out["reason_similarity_good"] = None
-    gen = [r.get("generated_tokens") for r in recs]
-    out["generated_tokens_per_image"] = float(np.mean(gen)) if recs and None not in gen else None
+    gen = [r["generated_tokens"] for r in recs if r.get("generated_tokens") is not None]
+    out["generated_tokens_per_image"] = float(np.mean(gen)) if recs and len(gen) == len(recs) else None
     return out
 
 

@@ -121,7 +121,9 @@ def run(p: Params, teacher_dir: Path, manifest: Path, out: Path, metrics: Path |
            "batches_computed": computed, "batches_reused": reused, "seconds": round(dt, 2),
            "images_per_s_predict": round(min(n_new, len(recs)) / t_pred, 2) if t_pred else None,
            "generated_tokens_per_image": round(sum(r["generated_tokens"] for r in recs) / len(recs), 2),
-           "teacher_fingerprint": teacher.fingerprint, "prompt_hash": ph, "teacher_parameters": teacher.parameters()}
+           "teacher_fingerprint": teacher.fingerprint, "prompt_hash": ph,
+           "teacher_parameters": teacher.parameters() if hasattr(teacher, "parameters") else None,
+           "usage": teacher.usage() if hasattr(teacher, "usage") else None}
     if metrics:
         write_json(metrics, res)
     if report:

@@ -125,6 +125,20 @@ class LocalTeacher:
         return out
 
 
-def load_teacher(folder: Path, threads: int = 2) -> LocalTeacher:
-    """The teacher a folder describes (the `teacher_sft` output)."""
-    return LocalTeacher(folder, threads)
+def load_teacher(folder: Path, threads: int = 2) -> Any:
+    """The teacher a folder describes (the `teacher_sft` output): the local one, or an hf / openai backend."""
+    meta_file = Path(folder) / "teacher.json"
+    if not meta_file.is_file():
+        raise StageError(f"{folder} is not a teacher folder (no teacher.json); run the teacher_sft stage")
+    d = json.loads(meta_file.read_text())
+    backend = d.get("backend", "local")
+    if backend == "local":
+        return LocalTeacher(folder, threads)
+    from tasks.backends import HFTeacher, OpenAITeacher, RemoteMeta
+
+    meta = RemoteMeta(**d)
+    if backend == "hf":
+        return HFTeacher(meta, threads)
+    if backend == "openai":
+        return OpenAITeacher(meta)
+    raise StageError(f"{meta_file}: unknown backend {backend!r} (known: local, hf, openai)")

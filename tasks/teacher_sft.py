@@ -32,8 +32,38 @@ def _auroc(y: np.ndarray, s: np.ndarray) -> float | None:
     return float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else None
 
 
+def describe_remote(p: Params, manifest: Path, out: Path, metrics: Path | None = None, report: Path | None = None,
+                    live_dir: Path | None = None) -> dict[str, object]:
+    """Backends hf and openai are zero-shot: no SFT. The teacher folder is then a descriptor (teacher.json with
+    the backend's settings, never a key), so label, its cache and the fingerprint work as for the local one."""
+    from tasks.answer import AnswerSchema
+
+    cfg = p.teacher
+    df = pd.read_parquet(manifest)
+    schema = AnswerSchema.for_dataset(p.ingest.defect_types, bool(df["mask_path"].notna().any()))
+    settings = (cfg.hf if cfg.backend == "hf" else cfg.openai).model_dump()
+    if cfg.backend == "hf" and not (Path(settings["path"]) / "config.json").is_file():
+        raise StageError(f"teacher.hf.path {settings['path']!r} is not a Hugging Face model folder (no config.json)")
+    desc = {"backend": cfg.backend, "types": list(schema.types), "locations": list(schema.locations),
+            "settings": settings, "max_new_tokens": settings["max_new_tokens"]}
+    with atomic_dir(out) as tmp:
+        (tmp / "teacher.json").write_text(json.dumps(desc, indent=2, sort_keys=True) + "\n")
+    res: dict[str, object] = {"backend": cfg.backend, "trained": False, "train_images": 0}
+    if live_dir:  # the stage's declared DVCLive outputs exist, empty of curves: nothing was trained
+        (live_dir / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
+        write_json(live_dir / "metrics.json", res)
+    if metrics:
+        write_json(metrics, res)
+    if report:
+        atomic_write_text(report, f"# teacher_sft\n\nBackend `{cfg.backend}` is zero-shot: no fine-tuning. The "
+                          f"teacher folder describes it ({', '.join(sorted(settings))}).\n")
+    return res
+
+
 def run(p: Params, base_lm_dir: Path, manifest: Path, out: Path, metrics: Path | None = None,
         report: Path | None = None, live_dir: Path | None = None) -> dict[str, object]:
+    if p.teacher.backend != "local":
+        return describe_remote(p, manifest, out, metrics, report, live_dir)
     import torch
     from peft import LoraConfig, get_peft_model
     from safetensors.numpy import save_file
