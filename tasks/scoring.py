@@ -67,23 +67,34 @@ def score_options(model: Any, inputs_embeds: Any, attention_mask: Any, option_id
             vocab = torch.log_softmax(logits.float(), dim=-1)
             scores = vocab[:, first]
         elif method == "sequence":
-            # The context runs once; each option's later tokens run on a copy of its KV cache.
+            # The context runs once. Options share continuations: every distinct "option minus its last token"
+            # (" upper" for " upper left" and " upper right") runs once, all those of one length in one batch on
+            # a copy of the context's KV cache repeated per continuation.
             import copy
 
             out = model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                         position_ids=positions(attention_mask), use_cache=True)
             first_lp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
             b = inputs_embeds.shape[0]
+            heads = sorted({tuple(ids[:-1]) for ids in option_ids if len(ids) > 1})
+            step_lp: dict[tuple[int, ...], Any] = {}  # head -> (batch, len(head), vocab) log-probs
+            for n in sorted({len(h) for h in heads}):
+                group = [h for h in heads if len(h) == n]
+                k = len(group)
+                cache = copy.deepcopy(out.cache)
+                cache.batch_repeat_interleave(k)  # rows: image 0 x k heads, image 1 x k heads, ...
+                rest = torch.tensor(group, device=inputs_embeds.device).repeat(b, 1)
+                m = torch.cat([attention_mask.repeat_interleave(k, 0), attention_mask.new_ones(b * k, n)], 1)
+                step = model(input_ids=rest, attention_mask=m, position_ids=positions(m)[:, -n:],
+                             cache=cache, use_cache=True)
+                lp = torch.log_softmax(step.logits.float(), dim=-1).view(b, k, n, -1)
+                for j, h in enumerate(group):
+                    step_lp[h] = lp[:, j]
             cols = []
             for ids in option_ids:
                 total = first_lp[:, ids[0]]
                 if len(ids) > 1:
-                    rest = torch.tensor(ids[:-1], device=inputs_embeds.device).view(1, -1).expand(b, -1)
-                    m = torch.cat([attention_mask, attention_mask.new_ones(b, len(ids) - 1)], 1)
-                    pos = positions(m)[:, -(len(ids) - 1):]
-                    step = model(input_ids=rest, attention_mask=m, position_ids=pos,
-                                 cache=copy.deepcopy(out.cache), use_cache=True)
-                    lp = torch.log_softmax(step.logits.float(), dim=-1)
+                    lp = step_lp[tuple(ids[:-1])]
                     nxt = torch.tensor(ids[1:], device=lp.device).view(1, -1, 1).expand(b, -1, 1)
                     total = total + lp.gather(-1, nxt).squeeze(-1).sum(-1)
                 cols.append(total)
