@@ -23,14 +23,14 @@ from ..conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-def test_teacher_folder_is_saved_the_hugging_face_way(tiny_teacher):
+def test_teacher_folder_is_saved_the_hugging_face_way(tiny_teacher, tiny_params):
     d = tiny_teacher["dir"]
     assert (d / "projector" / "config.json").exists() and (d / "adapter" / "adapter_config.json").exists()
     assert (d / "anomaly_bank.safetensors").exists()
     meta = TeacherMeta(**json.loads((d / "teacher.json").read_text()))
     assert meta.types and meta.verdict_temperature > 0 and set(meta.ensemble) == {"w_lm", "w_anomaly", "bias"}
     adapter = json.loads((d / "adapter" / "adapter_config.json").read_text())
-    assert set(adapter["target_modules"]) == {"q_proj", "v_proj"}
+    assert set(adapter["target_modules"]) == set(tiny_params.teacher.lora_targets)
     p1 = Projector.from_pretrained(d / "projector").eval()
     p2 = Projector.from_pretrained(d / "projector").eval()
     x = torch.randn(2, p1.config.n_tokens, p1.config.in_dim)
