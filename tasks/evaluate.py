@@ -93,13 +93,13 @@ def compute(rows: pd.DataFrame, recs: list[dict[str, Any]], types: tuple[str, ..
         out["location_accuracy"] = out["location_accuracy_in_answer"] = None
 
     # Reason quality, on the truly defective images.
-    names_t = [M.names_type(recs[i]["reason"], str(rows.defect_type.iloc[i])) for i in d] if has_types else []
+    names_t = [M.names_type(recs[i]["reason"], str(rows.defect_type.iloc[i]), types) for i in d] if has_types else []
     names_l = [str(rows.location.iloc[i]) in M.grid_words_in(recs[i]["reason"]) for i in loc_rows]
     out["reason_names_type"] = float(np.mean(names_t)) if names_t else None
     out["reason_names_location"] = float(np.mean(names_l)) if names_l else None
     both = [i for i in loc_rows if has_types]
     out["reason_names_type_and_location"] = float(np.mean([
-        M.names_type(recs[i]["reason"], str(rows.defect_type.iloc[i]))
+        M.names_type(recs[i]["reason"], str(rows.defect_type.iloc[i]), types)
         and str(rows.location.iloc[i]) in M.grid_words_in(recs[i]["reason"]) for i in both])) if both else None
     fact_rows = [i for i in d if pd.notna(rows.size_class.iloc[i])]
     if fact_rows:

@@ -57,8 +57,14 @@ def grid_words_in(text: str) -> set[str]:
     return set(_GRID_RE.findall(text.lower()))
 
 
-def names_type(reason: str, defect_type: str) -> bool:
+def _mentions(reason: str, defect_type: str) -> bool:
     return re.search(r"\b" + re.escape(defect_type.replace("_", " ").lower()) + r"\b", reason.lower()) is not None
+
+
+def names_type(reason: str, defect_type: str, types: Sequence[str] = ()) -> bool:
+    """The reason names this type and no other of `types`: a good-image reason that lists every type it did
+    not find ("with no crack, hole or stain") names none of them."""
+    return _mentions(reason, defect_type) and not any(_mentions(reason, t) for t in types if t != defect_type)
 
 
 def stated_attributes(reason: str, size_classes: Sequence[str]) -> dict[str, str]:

@@ -44,6 +44,9 @@ def test_grid_words_match_whole_phrases():
     assert M.grid_words_in("leftover topping") == set()
     assert M.names_type("a thin crack runs across", "crack") and not M.names_type("cracked", "crack")
     assert M.names_type("broken glass", "broken_glass")
+    good = "no defect is visible: the surface is even and intact, with no crack, hole or stain"
+    assert not M.names_type(good, "crack", ["crack", "hole", "stain"]), "a list of absent types names none"
+    assert M.names_type("crack defect: small", "crack", ["crack", "hole", "stain"])
 
 
 def test_stated_attributes_read_the_reference_wording():
@@ -98,7 +101,8 @@ def _rec(sha, verdict, t, loc, reason, p, tp=None):
 def test_compute_type_location_reason_figures():
     recs = [_rec("1", "defective", "crack", "upper left",
                  "crack defect: small and compact, in the upper left region, darker than the surface", 0.9),
-            _rec("2", "good", None, None, "no defect is visible", 0.4, tp={"crack": 0.4, "hole": 0.6}),
+            _rec("2", "good", None, None, "no defect is visible, no crack or hole", 0.4,
+                 tp={"crack": 0.4, "hole": 0.6}),
             _rec("3", "good", None, None, "no defect is visible", 0.1),
             _rec("4", "defective", "crack", "top", "crack defect in the top region", 0.6)]
     m = compute(_rows(), recs, ("crack", "hole"), SIZES, np.array([0.9, 0.5, 1.0, 0.2]), 100, 0)
@@ -107,6 +111,7 @@ def test_compute_type_location_reason_figures():
     assert m["type_accuracy"] == 1.0, "a missed defect's type comes from its type distribution"
     assert m["type_accuracy_in_answer"] == 0.5, "the answer of a missed defect states no type"
     assert m["location_accuracy"] == 0.5 and m["reason_names_type_and_location"] == 0.5
+    assert m["reason_names_type"] == 0.5, "the missed defect's 'no crack or hole' names no type"
     attrs = m["reason_attributes"]
     assert attrs["size_class"]["accuracy_when_stated"] == 1.0 and attrs["orientation"]["accuracy_when_stated"] == 0.0
     assert m["reason_similarity_defective"] == pytest.approx(0.7) and m["reason_similarity_good"] == pytest.approx(0.6)
