@@ -111,11 +111,11 @@ class LocalTeacher:
 
         f = image_features(self.backbone, paths, self.meta.image_size, self.meta.grid)
         tokens = torch.from_numpy(f["tokens"])
-        verdict = self.model.verdict_logits(tokens)  # scored once, reused by predict
+        verdict, type_lp = self.model.verdict_and_type(tokens)  # one pass, reused by predict
         anomaly = anomaly_scores(f["patches"], self.bank) if self.bank is not None else None
         p = ensemble_p(self.meta, verdict[0].numpy(), anomaly)
         preds = self.model.predict(tokens, max_reason_tokens, top_k, p_defective=p.tolist(), verdict=verdict,
-                                   min_reason_tokens=min(3, max_reason_tokens) if strict else 0)
+                                   min_reason_tokens=min(3, max_reason_tokens) if strict else 0, type_lp=type_lp)
         out = []
         for i, pr in enumerate(preds):
             rec = asdict(pr)

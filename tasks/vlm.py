@@ -19,7 +19,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from tasks.answer import FIELDS, PROMPT, Answer, AnswerSchema
-from tasks.scoring import option_token_ids, score_options
+from tasks.scoring import OptionScores, first_tokens_distinct, option_token_ids, score_options
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
@@ -192,9 +192,34 @@ class VisionLM:
             e, m = self.contexts(self.projector(tokens), [tail] * len(tokens))
             return score_options(self.lm, e, m, self.layout.options["type"][:len(types)]).logprobs
 
+    def verdict_and_type(self, tokens: torch.Tensor) -> tuple[tuple[torch.Tensor, Any], torch.Tensor]:
+        """`verdict_logits` and `type_logprobs` from ONE forward pass: the type context ("... verdict: defective;
+        type:") extends the verdict context, and every row has the same length (fixed image tokens, same tail),
+        so the verdict decision is read at a fixed earlier position. Falls back to two passes when the type
+        options need whole-sequence scoring."""
+        types = self.layout.schema.types
+        L = self.layout
+        if not types or not first_tokens_distinct(L.options["type"][:len(types)]):
+            return self.verdict_logits(tokens), self.type_logprobs(tokens)
+        tail0 = L.field_ids["verdict"]
+        tail1 = tail0 + L.option("verdict", "defective") + L.field_ids["type"]
+        with torch.inference_mode():
+            e, m = self.contexts(self.projector(tokens), [tail1] * len(tokens))
+            logits = self.lm(inputs_embeds=e, attention_mask=m).logits
+            k = len(tail1) - len(tail0)
+            vocab_v = torch.log_softmax(logits[:, -1 - k, :].float(), dim=-1)
+            vfirst = torch.tensor([t[0] for t in L.options["verdict"]])
+            vlp = torch.log_softmax(vocab_v[:, vfirst], dim=-1)
+            vs = OptionScores(vlp, "first_token", vocab_v)
+            vocab_t = torch.log_softmax(logits[:, -1, :].float(), dim=-1)
+            tfirst = torch.tensor([t[0] for t in L.options["type"][:len(types)]])
+            type_lp = torch.log_softmax(vocab_t[:, tfirst], dim=-1)
+        return (vlp[:, 1] - vlp[:, 0], vs), type_lp
+
     def predict(self, tokens: torch.Tensor, max_reason_tokens: int, top_k: int,
                 p_defective: Sequence[float] | None = None,
-                verdict: tuple[torch.Tensor, Any] | None = None, min_reason_tokens: int = 0) -> list[Prediction]:
+                verdict: tuple[torch.Tensor, Any] | None = None, min_reason_tokens: int = 0,
+                type_lp: torch.Tensor | None = None) -> list[Prediction]:
         """Answer for a batch of images. `p_defective` (e.g. an ensemble with anomaly evidence) may override the
         LM's calibrated P(defective) for the verdict; the LM's own score is kept beside it. `verdict` passes
         the result of `verdict_logits(tokens)` when the caller already has it. `min_reason_tokens` forbids
@@ -208,7 +233,8 @@ class VisionLM:
         soft: list[list[dict[str, Any]]] = [[] for _ in range(n)]
         for i in range(n):
             soft[i].append(_topk("verdict", vs.vocab_logprobs[i], top_k))
-        type_lp = self.type_logprobs(tokens)
+        if type_lp is None:
+            type_lp = self.type_logprobs(tokens)
         if types:
             type_p = torch.softmax(type_lp / self.type_temperature, -1)
             type_pick = [types[j] for j in type_p.argmax(-1).tolist()]

@@ -145,3 +145,16 @@ def test_evaluate_stage_on_the_test_split(tiny_teacher, tiny_manifest, tiny_para
     assert len(json.loads((out / "confusion.json").read_text())["confusion"]) == len(rows)
     text = (tmp_path / "report.md").read_text()
     assert "# evaluate: teacher" in text and "LM alone" in text and "Type accuracy per type" in text
+
+
+def test_verdict_and_type_in_one_pass_equal_the_separate_passes(tiny_teacher, tiny_manifest):
+    from tasks.vision import image_features
+
+    t = LocalTeacher(tiny_teacher["dir"])
+    df = pd.read_parquet(tiny_manifest).head(5)
+    tokens = torch.from_numpy(image_features(t.backbone, list(df.path), t.meta.image_size, t.meta.grid)["tokens"])
+    (d1, vs1), tl1 = t.model.verdict_and_type(tokens)
+    d2, vs2 = t.model.verdict_logits(tokens)
+    tl2 = t.model.type_logprobs(tokens)
+    assert torch.allclose(d1, d2, atol=1e-4) and torch.allclose(tl1, tl2, atol=1e-4)
+    assert torch.allclose(vs1.vocab_logprobs, vs2.vocab_logprobs, atol=1e-4)
