@@ -87,11 +87,9 @@ def map_free_answer(text: str, schema: AnswerSchema) -> tuple[Answer | None, str
         verdict = "good"
     else:
         return None, "no verdict could be read from the free answer"
-    if not line:
-        return None, "empty answer"
     if verdict == "good":
         return Answer("good", None, None, line), None
-    t = types[0] if types else (None if not schema.types else schema.types[0] if len(schema.types) == 1 else None)
+    t = types[0] if types else None
     if schema.types and t is None:
         return None, f"a defective answer names none of the types {list(schema.types)}"
     try:
@@ -166,7 +164,10 @@ class HFTeacher:
         import torch
         from PIL import Image
 
-        images = [Image.open(p).convert("RGB") for p in paths]
+        images = []
+        for p in paths:
+            with Image.open(p) as im:
+                images.append(im.convert("RGB"))
         enc = self.processor(images=images, text=[self._prompt(strict)] * len(paths), return_tensors="pt",
                              padding=True)
         with torch.inference_mode():
@@ -230,7 +231,8 @@ class OpenAITeacher:
         from PIL import Image
 
         buf = io.BytesIO()
-        Image.open(path).convert("RGB").save(buf, format="PNG")
+        with Image.open(path) as im:
+            im.convert("RGB").save(buf, format="PNG")
         url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
         messages = [{"role": "system", "content": PROMPT},
                     {"role": "user", "content": [{"type": "text", "text": instructions(self.meta.schema(), strict)},

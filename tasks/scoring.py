@@ -42,6 +42,18 @@ class OptionScores:
         return self.logprobs.argmax(dim=-1).tolist()
 
 
+def first_token_scores(logits: Any, option_ids: Sequence[Sequence[int]]) -> OptionScores:
+    """Options scored by their first token from the logits (batch, vocab) at the decision position: log p of
+    each first token, renormalised over the options; the whole vocabulary's log-probs kept for soft targets."""
+    import torch
+
+    if not first_tokens_distinct(option_ids):
+        raise ValueError("first_token scoring needs options whose first tokens are distinct")
+    vocab = torch.log_softmax(logits.float(), dim=-1)
+    first = torch.tensor([t[0] for t in option_ids], device=logits.device)
+    return OptionScores(torch.log_softmax(vocab[:, first], dim=-1), "first_token", vocab)
+
+
 def score_options(model: Any, inputs_embeds: Any, attention_mask: Any, option_ids: Sequence[Sequence[int]],
                   method: Method = "auto") -> OptionScores:
     """Score options after a batch of contexts given as embeddings (batch, length, hidden), left-padded.
@@ -56,16 +68,11 @@ def score_options(model: Any, inputs_embeds: Any, attention_mask: Any, option_id
     def positions(mask: Any) -> Any:  # left padding: count positions from each row's first real token
         return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
-    vocab = None
     with torch.inference_mode():
         if method == "first_token":
-            if not first_tokens_distinct(option_ids):
-                raise ValueError("first_token scoring needs options whose first tokens are distinct")
             logits = model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                            position_ids=positions(attention_mask)).logits[:, -1, :]
-            first = torch.tensor([t[0] for t in option_ids], device=logits.device)
-            vocab = torch.log_softmax(logits.float(), dim=-1)
-            scores = vocab[:, first]
+            return first_token_scores(logits, option_ids)
         elif method == "sequence":
             # The context runs once. Options share continuations: every distinct "option minus its last token"
             # (" upper" for " upper left" and " upper right") runs once, all those of one length in one batch on
@@ -101,4 +108,4 @@ def score_options(model: Any, inputs_embeds: Any, attention_mask: Any, option_id
             scores = torch.stack(cols, dim=-1)
         else:
             raise ValueError(f"unknown scoring method {method!r}; allowed: auto, first_token, sequence")
-    return OptionScores(torch.log_softmax(scores, dim=-1), method, vocab if method == "first_token" else None)
+    return OptionScores(torch.log_softmax(scores, dim=-1), method)

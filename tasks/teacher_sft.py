@@ -22,14 +22,9 @@ import pandas as pd
 
 from tasks.common import StageError, atomic_dir, atomic_write_text, md_table, output_args, stage_main, write_json
 from tasks.config import GRID_WORDS, Params, load_params
+from tasks.metrics import auroc
 
 log = logging.getLogger("edgeqa.teacher_sft")
-
-
-def _auroc(y: np.ndarray, s: np.ndarray) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else None
 
 
 def describe_remote(p: Params, manifest: Path, out: Path, metrics: Path | None = None, report: Path | None = None,
@@ -134,7 +129,7 @@ def run(p: Params, base_lm_dir: Path, manifest: Path, out: Path, metrics: Path |
             losses.append(loss.item())
         vl = val_loss()
         d, _ = model.verdict_logits(x_va)
-        auc = _auroc(y_va, d.numpy())
+        auc = auroc(y_va, d.numpy())
         history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": vl, "val_auroc_lm": auc})
         log.info("epoch %d: train %.4f val %.4f val AUROC (LM) %s", epoch + 1, np.mean(losses), vl, auc)
         if live is not None:
@@ -183,7 +178,7 @@ def run(p: Params, base_lm_dir: Path, manifest: Path, out: Path, metrics: Path |
         if 0 < y_va.sum() < len(y_va):
             lr = LogisticRegression(C=1.0).fit(xs, y_va)
             ens = {"w_lm": float(lr.coef_[0, 0]), "w_anomaly": float(lr.coef_[0, 1]), "bias": float(lr.intercept_[0])}
-        auc_anom = _auroc(y_va, a_va_scores)
+        auc_anom = auroc(y_va, a_va_scores)
     meta = TeacherMeta(base_lm_dir=str(base_lm_dir), image_size=cfg.image_size, grid=cfg.grid,
                        types=list(schema.types), locations=list(schema.locations), verdict_temperature=t_verdict,
                        type_temperature=t_type, anomaly=cfg.anomaly, ensemble=ens, anomaly_mean=a_mean,
@@ -191,7 +186,7 @@ def run(p: Params, base_lm_dir: Path, manifest: Path, out: Path, metrics: Path |
     if cfg.anomaly:
         from tasks.teacher import ensemble_p
 
-        auc_ens = _auroc(y_va, ensemble_p(meta, d_va, a_va_scores))
+        auc_ens = auroc(y_va, ensemble_p(meta, d_va, a_va_scores))
     with atomic_dir(out) as tmp:
         proj.save_pretrained(tmp / "projector")
         lm.save_pretrained(tmp / "adapter")
@@ -202,7 +197,7 @@ def run(p: Params, base_lm_dir: Path, manifest: Path, out: Path, metrics: Path |
     lm_params = sum(q.numel() for q in lm.parameters())
     res: dict[str, object] = {
         "train_images": len(train), "val_images": len(val), "epochs_run": len(history),
-        "initial_val_loss": initial_val_loss, "best_val_loss": best, "val_auroc_lm": _auroc(y_va, d_va),
+        "initial_val_loss": initial_val_loss, "best_val_loss": best, "val_auroc_lm": auroc(y_va, d_va),
         "val_auroc_anomaly": auc_anom,
         "val_auroc_ensemble": auc_ens, "val_type_accuracy_lm": type_acc, "verdict_temperature": t_verdict,
         "type_temperature": t_type, "seconds": round(dt, 2), "feature_seconds": round(t_feat, 2),

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from tasks.answer import FIELDS, PROMPT, Answer, AnswerSchema
-from tasks.scoring import OptionScores, first_tokens_distinct, option_token_ids, score_options
+from tasks.scoring import first_token_scores, first_tokens_distinct, option_token_ids, score_options
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
@@ -206,15 +206,9 @@ class VisionLM:
         with torch.inference_mode():
             e, m = self.contexts(self.projector(tokens), [tail1] * len(tokens))
             logits = self.lm(inputs_embeds=e, attention_mask=m).logits
-            k = len(tail1) - len(tail0)
-            vocab_v = torch.log_softmax(logits[:, -1 - k, :].float(), dim=-1)
-            vfirst = torch.tensor([t[0] for t in L.options["verdict"]])
-            vlp = torch.log_softmax(vocab_v[:, vfirst], dim=-1)
-            vs = OptionScores(vlp, "first_token", vocab_v)
-            vocab_t = torch.log_softmax(logits[:, -1, :].float(), dim=-1)
-            tfirst = torch.tensor([t[0] for t in L.options["type"][:len(types)]])
-            type_lp = torch.log_softmax(vocab_t[:, tfirst], dim=-1)
-        return (vlp[:, 1] - vlp[:, 0], vs), type_lp
+            vs = first_token_scores(logits[:, -1 - (len(tail1) - len(tail0)), :], L.options["verdict"])
+            ts = first_token_scores(logits[:, -1, :], L.options["type"][:len(types)])
+        return (vs.logprobs[:, 1] - vs.logprobs[:, 0], vs), ts.logprobs
 
     def predict(self, tokens: torch.Tensor, max_reason_tokens: int, top_k: int,
                 p_defective: Sequence[float] | None = None,
