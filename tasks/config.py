@@ -48,6 +48,10 @@ class PathsConfig(_Section):
     base_lm_dir: str
     teacher_dir: str
     labels_dir: str
+    student_features_dir: str
+    baseline_dir: str
+    sft_dir: str
+    distill_dir: str
 
 
 class SynthCategory(_Section):
@@ -217,6 +221,97 @@ class TeacherConfig(_Section):
         return self
 
 
+class DecoderConfig(_Section):
+    """The student's causal decoder: `llama` (nn.Linear blocks, prunable; the default) or `gpt2` (Conv1D)."""
+
+    arch: Literal["llama", "gpt2"]
+    hidden: int = Field(ge=16, le=4096)
+    layers: int = Field(ge=1, le=48)
+    heads: int = Field(ge=1, le=64)
+    intermediate: int = Field(ge=16, le=16384)
+    max_positions: int = Field(ge=64, le=4096)
+
+    @model_validator(mode="after")
+    def _heads(self) -> DecoderConfig:
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+        return self
+
+
+class LoraSettings(_Section):
+    r: int = Field(ge=1, le=256)
+    alpha: int = Field(ge=1)
+    targets: list[str] = Field(min_length=1)  # decoder module names (q_proj, ..., or c_attn, ... for gpt2)
+    vision: bool  # also LoRA on the trainable trunk blocks' 1x1 convolutions
+
+
+class StudentConfig(_Section):
+    """The student architecture and what every student stage shares (tasks/student.py)."""
+
+    seed: int = Field(ge=0)
+    image_size: int = Field(ge=64, le=1024)
+    vision_blocks: int = Field(ge=1, le=16)  # Lite0 stem + blocks 0..vision_blocks-1
+    frozen_blocks: int = Field(ge=0, le=16)  # the first ones stay frozen (their output is cached in training)
+    grid: int = Field(ge=1, le=14)
+    projector_hidden: int = Field(ge=16)
+    decoder: DecoderConfig
+    embed_init: Literal["teacher_pca", "random"]
+    vocab_soft_min_prob: Fraction  # teacher soft-target tokens at least this likely join the pruned vocabulary
+    min_param_ratio: float = Field(ge=1.0)  # the student must be this many times smaller than the teacher
+    lora: LoraSettings
+    batch_size: int = Field(ge=1, le=512)
+    key_token_weight: float = Field(ge=1.0, le=100.0)
+    eval_every: int = Field(ge=1)  # optimizer steps between val evaluations (early stopping, curves)
+    patience: int = Field(ge=1)  # evaluations without val-loss improvement before stopping
+    threads: int = Field(ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _blocks(self) -> StudentConfig:
+        if self.frozen_blocks > self.vision_blocks:
+            raise ValueError(f"frozen_blocks ({self.frozen_blocks}) must be <= vision_blocks ({self.vision_blocks})")
+        return self
+
+
+class PasteConfig(_Section):
+    """Synthetic defects pasted onto real good training images, to enlarge rare defect types."""
+
+    enabled: bool
+    per_type: int = Field(ge=0, le=10_000)  # pasted images per listed type
+    renderers: dict[str, Literal["crack", "scratch", "contamination", "broken", "stain", "hole"]]  # type -> shape
+    seed: int = Field(ge=0)
+
+
+class SFTConfig(_Section):
+    """Stages `baseline` (human labels only: the teacher's weight is 0) and `sft` (human + teacher labels)."""
+
+    finetune: Literal["full", "lora"]
+    steps: int = Field(ge=1)
+    lr: float = Field(gt=0, le=1)
+    lr_vision: float = Field(ge=0, le=1)
+    weights: dict[Literal["human", "teacher"], float]
+    min_teacher_confidence: Annotated[float, Field(ge=0.5, le=1.0)]  # max(P, 1-P) of the teacher's verdict
+    paste: PasteConfig
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
+        if set(v) != {"human", "teacher"} or any(w < 0 for w in v.values()):
+            raise ValueError("needs exactly {human: w, teacher: w} with w >= 0")
+        return v
+
+
+class DistillConfig(_Section):
+    """Stage `distill`: alpha * T^2 * KL(teacher || student) + (1 - alpha) * CE, from the sft model."""
+
+    finetune: Literal["full", "lora"]
+    steps: int = Field(ge=1)
+    lr: float = Field(gt=0, le=1)
+    lr_vision: float = Field(ge=0, le=1)
+    alpha: Fraction
+    temperature: float = Field(gt=0, le=20)
+    top_k: int = Field(ge=1, le=100)  # <= teacher.top_k (what label stored)
+
+
 class LabelConfig(_Section):
     pools: list[Literal["labelled", "unlabelled"]] = Field(min_length=1)
     batch_size: int = Field(ge=1, le=256)
@@ -254,13 +349,21 @@ class Params(_Section):
     ingest: IngestConfig
     validate_: ValidateConfig = Field(alias="validate")
     evaluate: EvaluateConfig
+    student: StudentConfig
+    sft: SFTConfig
+    distill: DistillConfig
 
     @model_validator(mode="after")
-    def _teacher_dir(self) -> Params:
-        t = self.evaluate.models.get("teacher")
-        if t is not None and t.dir != self.paths.teacher_dir:
-            raise ValueError(f"evaluate.models.teacher.dir is {t.dir!r} but paths.teacher_dir is "
-                             f"{self.paths.teacher_dir!r}; they must be the same folder")
+    def _model_dirs(self) -> Params:
+        for name in ("teacher", "baseline", "sft", "distill"):
+            m = self.evaluate.models.get(name)
+            want = getattr(self.paths, f"{name}_dir")
+            if m is not None and m.dir != want:
+                raise ValueError(f"evaluate.models.{name}.dir is {m.dir!r} but paths.{name}_dir is {want!r}; "
+                                 "they must be the same folder")
+        if self.distill.top_k > self.teacher.top_k:
+            raise ValueError(f"distill.top_k ({self.distill.top_k}) must be <= teacher.top_k ({self.teacher.top_k}), "
+                             "the number of soft targets label stores")
         return self
 
     @property

@@ -163,7 +163,7 @@ def run(p: Params, model: str, model_dir: Path, manifest: Path, out: Path, metri
         report: Path | None = None) -> dict[str, Any]:
     from tasks.answer import PROMPT, STRICT_PROMPT
     from tasks.label import answer_records, prompt_hash
-    from tasks.teacher import load_teacher
+    from tasks.student import load_answerer
 
     cfg = p.evaluate
     if model not in cfg.models:
@@ -173,7 +173,7 @@ def run(p: Params, model: str, model_dir: Path, manifest: Path, out: Path, metri
     rows = df[df.split == cfg.split].reset_index(drop=True)
     if rows.empty:
         raise StageError(f"evaluate: no images in split {cfg.split!r} of {manifest}")
-    teacher = load_teacher(model_dir, p.teacher.threads)
+    teacher = load_answerer(model_dir, p.teacher.threads)
     schema = teacher.meta.schema()
     ph = prompt_hash(PROMPT + STRICT_PROMPT + repr(schema.options()))
     recs: list[dict[str, Any]] = []

@@ -44,7 +44,22 @@ def to_tensor(paths: Sequence[str | Path], size: int = 224) -> Any:
     for p in paths:
         with Image.open(p) as im:
             arrs.append(np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR), np.float32))
-    x = torch.from_numpy(np.stack(arrs) / 255.0).permute(0, 3, 1, 2)
+    return _normalise(torch.from_numpy(np.stack(arrs) / 255.0).permute(0, 3, 1, 2))
+
+
+def tensor_from_arrays(images: Sequence[np.ndarray], size: int = 224) -> Any:
+    """`to_tensor` for in-memory images (uint8, HxW or HxWx3), resized the same way."""
+    import torch
+    from PIL import Image
+
+    arrs = [np.asarray(Image.fromarray(a).convert("RGB").resize((size, size), Image.Resampling.BILINEAR), np.float32)
+            for a in images]
+    return _normalise(torch.from_numpy(np.stack(arrs) / 255.0).permute(0, 3, 1, 2))
+
+
+def _normalise(x: Any) -> Any:
+    import torch
+
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return ((x - mean) / std).float()

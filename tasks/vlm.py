@@ -94,8 +94,10 @@ class Layout:
         opts = self.schema.options()[f]
         return self.options[f][opts.index(value or "none")]
 
-    def answer_ids(self, a: Answer, tokenizer: Any) -> tuple[list[int], list[int]]:
-        """(ids, key) for a whole answer; key marks the verdict/type/location value tokens."""
+    def answer_ids(self, a: Answer, tokenizer: Any, reason_ids: Sequence[int] | None = None
+                   ) -> tuple[list[int], list[int]]:
+        """(ids, key) for a whole answer; key marks the verdict/type/location value tokens. `reason_ids` gives the
+        reason as already-tokenised ids (a teacher's generated tokens), instead of encoding `a.reason`."""
         ids: list[int] = []
         key: list[int] = []
         for f, v in (("verdict", a.verdict), ("type", a.defect_type), ("location", a.location)):
@@ -104,7 +106,8 @@ class Layout:
             o = self.option(f, v)
             ids += o
             key += [1] * len(o)
-        reason = list(tokenizer.encode(" " + a.reason, add_special_tokens=False)) + [self.end]
+        reason = (list(reason_ids) if reason_ids is not None
+                  else list(tokenizer.encode(" " + a.reason, add_special_tokens=False))) + [self.end]
         ids += self.field_ids["reason"] + reason
         key += [0] * (len(self.field_ids["reason"]) + len(reason))
         return ids, key
@@ -150,8 +153,19 @@ class VisionLM:
 
     def loss(self, tokens: torch.Tensor, answers: Sequence[Answer], key_weight: float) -> torch.Tensor:
         """Weighted next-token cross-entropy on the answer tokens; verdict/type/location values x key_weight."""
+        logits, tgt, w, _ = self.answer_logits(tokens, [self.layout.answer_ids(a, self.tok) for a in answers],
+                                               key_weight)
+        ce = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100,
+                                         reduction="none").view_as(w)
+        return (ce * w).sum() / w.sum()
+
+    def answer_logits(self, tokens: torch.Tensor, seqs: Sequence[tuple[list[int], list[int]]], key_weight: float,
+                      row_weights: Sequence[float] | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Teacher-forced pass over [pre][image][post][answer ids]: (logits predicting each next token, targets
+        (-100 outside the answer), per-token CE weights, prefix length). The logit at column prefix + j - 1
+        predicts answer token j."""
         img = self.projector(tokens)
-        seqs = [self.layout.answer_ids(a, self.tok) for a in answers]
         prefix = len(self.layout.pre) + img.shape[1] + len(self.layout.post)
         n = prefix + max(len(s) for s, _ in seqs)
         h = img.shape[-1]
@@ -165,12 +179,10 @@ class VisionLM:
             embeds[i, :row.shape[0]] = row
             mask[i, :row.shape[0]] = 1
             labels[i, prefix:prefix + len(ids)] = torch.tensor(ids)
-            weights[i, prefix:prefix + len(ids)] = torch.tensor([key_weight if k else 1.0 for k in key])
+            rw = 1.0 if row_weights is None else float(row_weights[i])
+            weights[i, prefix:prefix + len(ids)] = torch.tensor([rw * (key_weight if k else 1.0) for k in key])
         logits = self.lm(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1].float()
-        tgt, w = labels[:, 1:], weights[:, 1:]
-        ce = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100,
-                                         reduction="none").view_as(w)
-        return (ce * w).sum() / w.sum()
+        return logits, labels[:, 1:], weights[:, 1:], prefix
 
     # ------------------------------------------------------------------------------------ scoring
     def verdict_logits(self, tokens: torch.Tensor) -> tuple[torch.Tensor, Any]:
