@@ -277,7 +277,8 @@ class PasteConfig(_Section):
 
     enabled: bool
     per_type: int = Field(ge=0, le=10_000)  # pasted images per listed type
-    renderers: dict[str, Literal["crack", "scratch", "contamination", "broken", "stain", "hole"]]  # type -> shape
+    # [dataset type, generator shape] pairs (a list, so profiles and `dvc exp run -S` can set it whole)
+    renderers: list[tuple[str, Literal["crack", "scratch", "contamination", "broken", "stain", "hole"]]]
     seed: int = Field(ge=0)
 
 

@@ -45,7 +45,8 @@ def paste_examples(p: Params, labelled: pd.DataFrame, schema: AnswerSchema
     from tasks.maskfacts import mask_facts, reference_reason
 
     cfg = p.sft.paste
-    unknown = sorted(set(cfg.renderers) - set(schema.types))
+    renderers = dict(cfg.renderers)
+    unknown = sorted(set(renderers) - set(schema.types))
     if unknown:
         raise StageError(f"sft.paste.renderers names type(s) {unknown} that the dataset does not have; "
                          f"its types: {list(schema.types)}")
@@ -59,7 +60,7 @@ def paste_examples(p: Params, labelled: pd.DataFrame, schema: AnswerSchema
     s = p.student.image_size
     images, answers = [], []
     made: dict[str, int] = {}
-    for dtype, shape in sorted(cfg.renderers.items()):
+    for dtype, shape in sorted(renderers.items()):
         for _ in range(cfg.per_type):
             row = goods.iloc[int(rng.integers(len(goods)))]
             with Image.open(row.path) as im:
@@ -77,4 +78,4 @@ def paste_examples(p: Params, labelled: pd.DataFrame, schema: AnswerSchema
             images.append(img)
             answers.append(Answer("defective", dtype, loc, reason))
             made[dtype] = made.get(dtype, 0) + 1
-    return images, answers, {"per_type": made, "renderers": dict(cfg.renderers)}
+    return images, answers, {"per_type": made, "renderers": renderers}
