@@ -254,6 +254,7 @@ class StudentConfig(_Section):
     frozen_blocks: int = Field(ge=0, le=16)  # the first ones stay frozen (their output is cached in training)
     grid: int = Field(ge=1, le=14)
     projector_hidden: int = Field(ge=16)
+    augment_flip: bool  # mirrored copies of human-labelled images in training (location words swapped)
     decoder: DecoderConfig
     embed_init: Literal["teacher_pca", "random"]
     vocab_soft_min_prob: Fraction  # teacher soft-target tokens at least this likely join the pruned vocabulary

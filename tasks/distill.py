@@ -153,6 +153,7 @@ def run(p: Params, sft_dir: Path, base_lm_dir: Path, teacher_dir: Path, manifest
         e = Example(len(shas), a, "human", w_h, record=rec)
         if rec is not None:
             e.kd, kk, _ = kd_targets(layout, tok, a, rec, own_sequence=False, top_k=dcfg.top_k)
+            e.kd_flip_safe = kk["verdict"] + kk["type"]  # verdict and type hold for the mirror image
             kinds = {k: kinds[k] + kk[k] for k in kinds}
         else:
             missing += 1
@@ -177,7 +178,7 @@ def run(p: Params, sft_dir: Path, base_lm_dir: Path, teacher_dir: Path, manifest
     val_ex = [Example(len(shas) + i, reference_answer(r), "human", 1.0) for i, (_, r) in enumerate(val.iterrows())]
     shas += list(val.sha256)
     t1 = time.perf_counter()
-    feats = load_features(p, features_dir, shas)
+    feats, feats_flip = load_features(p, features_dir, shas)
     t_feat = time.perf_counter() - t1
     vlm = VisionLM(model.decoder, tok, model.projector, layout)
     peft_model = apply_lora(p, model) if dcfg.finetune == "lora" else None
@@ -185,7 +186,7 @@ def run(p: Params, sft_dir: Path, base_lm_dir: Path, teacher_dir: Path, manifest
         model.set_trainable(vision=dcfg.lr_vision > 0)
     y_val = (val.label == "defective").to_numpy().astype(int)
     tr = train(p, model, vlm, feats, ex, val_ex, y_val, dcfg.steps, dcfg.lr, dcfg.lr_vision, live_dir,
-               kd=make_kd(dcfg.temperature), alpha=dcfg.alpha)
+               kd=make_kd(dcfg.temperature), alpha=dcfg.alpha, feats_flip=feats_flip)
     if peft_model is not None:
         model = peft_model.merge_and_unload()
         vlm.lm, vlm.projector = model.decoder, model.projector

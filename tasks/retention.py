@@ -46,10 +46,9 @@ def compute(evals: dict[str, dict[str, Any]], training: dict[str, dict[str, Any]
         gaps = {}
         for m in METRICS:
             tv, bv, v = t.get(m), base.get(m), e.get(m)
-            if None in (tv, bv, v) or tv == bv:
-                gaps[m] = None
-            else:
-                gaps[m] = (v - bv) / (tv - bv)
+            teacher_better = None not in (tv, bv) and ((tv < bv) if m in LOWER_IS_BETTER else (tv > bv))
+            # no gap to recover where the baseline already matches or beats the teacher
+            gaps[m] = (v - bv) / (tv - bv) if teacher_better and v is not None else None
         out["gap_recovered"][name] = gaps
     ps = out["rows"]["distill"]["parameters"]
     pt = out["rows"]["teacher"]["parameters"]
@@ -71,7 +70,7 @@ def render(res: dict[str, Any]) -> str:
     head = ["row", *METRICS, "images_per_s", "parameters", "train_seconds"]
     rows = [[n, *[_f(res["rows"][n][m]) for m in head[1:]]] for n in ROWS]
     ret = [[n, *[_f(res["retention"][n].get(m)) for m in METRICS if m not in LOWER_IS_BETTER]] for n in ROWS[1:]]
-    gap = [[n, *[_f(res["gap_recovered"][n][m]) for m in METRICS]] for n in ROWS[1:]]
+    gap = [[n, *[_f(res["gap_recovered"][n][m]) for m in METRICS]] for n in ROWS[2:]]
     return ("# The seed's experiment: teacher, small model, + SFT, + KD\n\n"
             f"Split `{res['split']}`. The three student rows are one architecture "
             f"({_f(res['rows']['distill']['parameters'])} parameters, "
@@ -80,7 +79,7 @@ def render(res: dict[str, Any]) -> str:
             + "\n\n## Retention (student / teacher; above 1: the student is better)\n\n"
             + md_table(["row", *[m for m in METRICS if m not in LOWER_IS_BETTER]], ret)
             + "\n\n## Share of the baseline's gap to the teacher closed ((row - baseline) / (teacher - baseline); "
-              "negative: worse than the baseline; n/a: no gap)\n\n"
+              "negative: worse than the baseline; n/a: no gap, the baseline already matches or beats the teacher)\n\n"
             + md_table(["row", *METRICS], gap) + "\n")
 
 

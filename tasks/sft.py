@@ -114,9 +114,11 @@ def run(p: Params, role: Role, base_lm_dir: Path, teacher_dir: Path, manifest: P
         raise StageError(f"{role}: no training example has a weight above 0 (sft.weights {scfg.weights})")
     ex = [e for e in ex if e.weight > 0]
     t1 = time.perf_counter()
-    feats = load_features(p, features_dir, shas)
+    feats, feats_flip = load_features(p, features_dir, shas)
     if pasted:
         feats = torch.cat([feats, frozen_features(model, [], pasted)])
+        if feats_flip is not None:
+            feats_flip = torch.cat([feats_flip, frozen_features(model, [], [a[:, ::-1].copy() for a in pasted])])
     t_feat = time.perf_counter() - t1
 
     vlm = VisionLM(model.decoder, tok, model.projector, Layout.build(tok, schema))
@@ -131,7 +133,8 @@ def run(p: Params, role: Role, base_lm_dir: Path, teacher_dir: Path, manifest: P
     else:
         model.set_trainable(vision=scfg.lr_vision > 0)
     y_val = (val.label == "defective").to_numpy().astype(int)
-    tr = train(p, model, vlm, feats, ex, val_ex, y_val, scfg.steps, scfg.lr, scfg.lr_vision, live_dir)
+    tr = train(p, model, vlm, feats, ex, val_ex, y_val, scfg.steps, scfg.lr, scfg.lr_vision, live_dir,
+               feats_flip=feats_flip)
     if peft_model is not None:
         model = peft_model.merge_and_unload()
         vlm.lm, vlm.projector = model.decoder, model.projector

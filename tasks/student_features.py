@@ -25,7 +25,8 @@ SPLITS = ("labelled", "unlabelled", "val")
 
 
 def settings(p: Params) -> dict[str, Any]:
-    return {"image_size": p.student.image_size, "frozen_blocks": p.student.frozen_blocks, "weights": "lite0-imagenet"}
+    return {"image_size": p.student.image_size, "frozen_blocks": p.student.frozen_blocks, "weights": "lite0-imagenet",
+            "augment_flip": p.student.augment_flip}
 
 
 def run(p: Params, manifest: Path, out: Path, metrics: Path | None = None, report: Path | None = None
@@ -48,17 +49,25 @@ def run(p: Params, manifest: Path, out: Path, metrics: Path | None = None, repor
     trunk.eval()
     from tasks.vision import to_tensor
 
-    parts = []
+    parts: list[Any] = []
+    flips: list[Any] = []
     with torch.inference_mode():
         for i in range(0, len(rows), 32):
             x = to_tensor(list(rows.path[i:i + 32]), cfg.image_size)
             parts.append(trunk(x, 0, cfg.frozen_blocks) if cfg.frozen_blocks else x)
+            if p.student.augment_flip:  # the mirrored image through the trunk (conv features are not mirror-equal)
+                xf = torch.flip(x, dims=[3])
+                flips.append(trunk(xf, 0, cfg.frozen_blocks) if cfg.frozen_blocks else xf)
     feats = torch.cat(parts).contiguous()
+    tensors = {"features": feats}
+    if flips:
+        tensors["flipped"] = torch.cat(flips).contiguous()
     with atomic_dir(out) as tmp:
-        save_file({"features": feats}, str(tmp / "features.safetensors"))
+        save_file(tensors, str(tmp / "features.safetensors"))
         (tmp / "index.json").write_text(json.dumps({"sha256": list(rows.sha256), "split": list(rows.split),
                                                     **settings(p)}) + "\n")
-    res = {"images": len(rows), "shape": list(feats.shape[1:]), "megabytes": round(feats.numel() * 4 / 2**20, 1),
+    res = {"images": len(rows), "shape": list(feats.shape[1:]),
+           "megabytes": round(sum(t.numel() for t in tensors.values()) * 4 / 2**20, 1),
            "seconds": round(time.perf_counter() - t0, 2), **settings(p)}
     if metrics:
         write_json(metrics, res)
@@ -69,8 +78,9 @@ def run(p: Params, manifest: Path, out: Path, metrics: Path | None = None, repor
     return res
 
 
-def load(p: Params, folder: Path, shas: list[str]) -> Any:
-    """The cached features of the given images, in that order; refuses a cache made with other settings."""
+def load(p: Params, folder: Path, shas: list[str]) -> tuple[Any, Any]:
+    """The cached features of the given images, in that order, and those of their mirror images (None when
+    student.augment_flip is off); refuses a cache made with other settings."""
     from safetensors.torch import load_file
 
     idx_file = Path(folder) / "index.json"
@@ -88,8 +98,10 @@ def load(p: Params, folder: Path, shas: list[str]) -> Any:
                          "rerun student_features")
     import torch
 
-    feats = load_file(str(Path(folder) / "features.safetensors"))["features"]
-    return feats[torch.tensor([pos[s] for s in shas], dtype=torch.long)] if shas else feats[:0]
+    data = load_file(str(Path(folder) / "features.safetensors"))
+    sel = torch.tensor([pos[s] for s in shas], dtype=torch.long)
+    flipped = data.get("flipped")
+    return data["features"][sel], (flipped[sel] if flipped is not None else None)
 
 
 def _args(ap: argparse.ArgumentParser) -> None:

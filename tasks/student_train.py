@@ -9,8 +9,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,23 @@ class Example:
     reason_ids: list[int] | None = None   # teacher-generated reason, as student ids
     record: dict[str, Any] | None = None  # the teacher's label record (soft targets), when there is one
     kd: list[tuple[int, list[int], list[float]]] = field(default_factory=list)  # (answer index, ids, logprobs)
+    kd_flip_safe: int = 0          # leading kd entries that hold for the mirrored image (verdict, type)
+    flip: bool = False             # this copy reads the mirrored image's features (augmentation)
+
+
+_MIRROR = {"upper left": "upper right", "upper right": "upper left", "left": "right", "right": "left",
+           "lower left": "lower right", "lower right": "lower left"}
+_MIRROR_RE = re.compile(r"\b(upper left|upper right|lower left|lower right|left|right)\b")
+
+
+def mirror_answer(a: Answer) -> Answer:
+    """The answer for the left-right mirrored image: location words swap sides, in the field and the reason."""
+    loc = _MIRROR.get(a.location, a.location) if a.location else a.location
+    return Answer(a.verdict, a.defect_type, loc, _MIRROR_RE.sub(lambda m: _MIRROR[m.group(1)], a.reason))
+
+
+def flipped_copy(e: Example) -> Example:
+    return replace(e, answer=mirror_answer(e.answer), flip=True, kd=e.kd[:e.kd_flip_safe])
 
 
 def read_labels(labels_dir: Path) -> dict[str, dict[str, Any]]:
@@ -175,9 +193,11 @@ class TrainResult:
 
 def batch_loss(model: Any, vlm: Any, feats: torch.Tensor, batch: Sequence[Example], key_weight: float,
                kd: Callable[[torch.Tensor, int, Sequence[Example]], torch.Tensor] | None = None,
-               alpha: float = 0.0) -> torch.Tensor:
-    """(1 - alpha) * weighted CE on the answer tokens [+ alpha * the KD term]."""
-    tokens = model.tokens_from_frozen(feats[[e.feat for e in batch]])
+               alpha: float = 0.0, feats_flip: torch.Tensor | None = None) -> torch.Tensor:
+    """(1 - alpha) * weighted CE on the answer tokens [+ alpha * the KD term]. Examples marked `flip` read the
+    mirrored image's features."""
+    rows = [feats_flip[e.feat] if e.flip and feats_flip is not None else feats[e.feat] for e in batch]
+    tokens = model.tokens_from_frozen(torch.stack(rows))
     seqs = [vlm.layout.answer_ids(e.answer, vlm.tok, e.reason_ids) for e in batch]
     logits, tgt, w, prefix = vlm.answer_logits(tokens, seqs, key_weight, [e.weight for e in batch])
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100,
@@ -191,10 +211,11 @@ def batch_loss(model: Any, vlm: Any, feats: torch.Tensor, batch: Sequence[Exampl
 def train(p: Params, model: Any, vlm: Any, feats: torch.Tensor, train_ex: list[Example], val_ex: list[Example],
           val_y: np.ndarray, steps: int, lr: float, lr_vision: float, live_dir: Path | None,
           kd: Callable[[torch.Tensor, int, Sequence[Example]], torch.Tensor] | None = None,
-          alpha: float = 0.0) -> TrainResult:
+          alpha: float = 0.0, feats_flip: torch.Tensor | None = None) -> TrainResult:
     """AdamW over the trainable parameters for `steps` steps (batches drawn by epoch-wise permutation), val
     evaluation every `eval_every` steps, early stopping on val CE loss with `patience`; the best state is
-    restored. Curves go to DVCLive."""
+    restored. Curves go to DVCLive. With `feats_flip`, each example whose reason is text (human or pasted; a
+    teacher's reason is token ids tied to its soft targets) is mirrored with probability 1/2."""
     from tasks.metrics import auroc
 
     cfg = p.student
@@ -230,8 +251,11 @@ def train(p: Params, model: Any, vlm: Any, feats: torch.Tensor, train_ex: list[E
         if not order:
             order = rng.permutation(len(train_ex)).tolist()
         idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
+        batch = [train_ex[j] for j in idx]
+        if feats_flip is not None:
+            batch = [flipped_copy(e) if e.reason_ids is None and rng.random() < 0.5 else e for e in batch]
         model.train()
-        loss = batch_loss(model, vlm, feats, [train_ex[j] for j in idx], cfg.key_token_weight, kd, alpha)
+        loss = batch_loss(model, vlm, feats, batch, cfg.key_token_weight, kd, alpha, feats_flip)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([q for g in groups for q in g["params"]], 1.0)
         opt.step()

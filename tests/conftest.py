@@ -16,7 +16,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 # The DAG of dvc.yaml in the order the flow runs it (DVC's topological order, ties by name).
-STAGES = ("convert", "synth", "ingest", "validate", "teacher_sft", "evaluate@teacher", "label")
+STAGES = ("convert", "synth", "ingest", "validate", "student_features", "teacher_sft", "evaluate@teacher", "label",
+          "baseline", "evaluate@baseline", "sft", "distill", "evaluate@distill", "evaluate@sft", "retention")
 SHARED_MTILE = REPO.parent / "shared" / "datasets" / "magnetic-tile"
 VENV_BIN = str(Path(sys.executable).parent)
 
@@ -103,6 +104,41 @@ def tiny_teacher(tiny_params, tiny_manifest, base_lm_dir, tmp_path_factory):
     res = teacher_sft.run(tiny_params, base_lm_dir, tiny_manifest, d / "teacher", d / "metrics.json",
                           d / "report.md", d / "live")
     return {"dir": d / "teacher", "metrics": res, "report": d / "report.md", "live": d / "live"}
+
+
+@pytest.fixture(scope="session")
+def tiny_labels(tiny_params, tiny_teacher, tiny_manifest, tmp_path_factory) -> Path:
+    """The real label stage's output for the tiny teacher (labelled + unlabelled pools)."""
+    from tasks import label
+
+    out = tmp_path_factory.mktemp("labels") / "labels"
+    label.run(tiny_params, tiny_teacher["dir"], tiny_manifest, out)
+    return out
+
+
+def train_students(p, base_lm_dir, teacher_dir, manifest, labels, root: Path) -> dict:
+    """student_features, baseline, sft and distill (the real stage functions) into `root`."""
+    from tasks import distill, sft, student_features
+
+    feats = root / "features"
+    student_features.run(p, manifest, feats)
+    out: dict = {"features": feats}
+    for role in ("baseline", "sft"):
+        out[f"{role}_metrics"] = sft.run(p, role, base_lm_dir, teacher_dir, manifest, labels, feats, root / role,
+                                         root / f"{role}.json", root / f"{role}.md", root / f"{role}_live")
+        out[role] = root / role
+    out["distill_metrics"] = distill.run(p, root / "sft", base_lm_dir, teacher_dir, manifest, labels, feats,
+                                         root / "distill", root / "distill.json", root / "distill.md",
+                                         root / "distill_live")
+    out["distill"] = root / "distill"
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_students(tiny_params, base_lm_dir, tiny_teacher, tiny_manifest, tiny_labels, tmp_path_factory) -> dict:
+    """The three tiny-profile students, trained once per session by the real stage functions."""
+    return train_students(tiny_params, base_lm_dir, tiny_teacher["dir"], tiny_manifest, tiny_labels,
+                          tmp_path_factory.mktemp("students"))
 
 
 # ------------------------------------------------------------------------------------ the real stack

@@ -36,6 +36,14 @@ def test_unknown_key_is_rejected_with_its_dotted_name():
     (("synth", "contrast"), [0.5, 0.1], r"synth\.contrast: .*low < high"),
     (("ingest", "image_exts"), ["png"], r"ingest\.image_exts: .*start with a dot"),
     (("ingest", "mask_facts", "size_classes"), {"small": 0.5, "tiny": 0.1, "large": 1.0}, r"size_classes: .*increase"),
+    (("student", "frozen_blocks"), 12, r"student: .*frozen_blocks \(12\) must be <= vision_blocks"),
+    (("student", "decoder", "hidden"), 190, r"student\.decoder: .*multiple of heads"),
+    (("student", "decoder", "arch"), "mamba", r"student\.decoder\.arch: .*'llama' or 'gpt2'"),
+    (("sft", "weights"), {"human": 1.0}, r"sft\.weights: .*exactly \{human"),
+    (("sft", "min_teacher_confidence"), 0.3, r"sft\.min_teacher_confidence: .*greater than or equal to 0\.5"),
+    (("sft", "paste", "renderers"), [["crack", "laser"]], r"sft\.paste\.renderers\[0\]\[1\]: .*'crack'"),
+    (("distill", "top_k"), 50, r"distill\.top_k \(50\) must be <= teacher\.top_k"),
+    (("evaluate", "models"), {"distill": {"dir": "models/x"}}, r"evaluate\.models\.distill\.dir .*paths\.distill_dir"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(path, value, expect):
     raw = _raw()
