@@ -22,6 +22,7 @@ from tasks.config import Params, load_params
 
 log = logging.getLogger("edgeqa.student_features")
 SPLITS = ("labelled", "unlabelled", "val")
+FLIP_SPLIT = "labelled"  # only human answers are mirrored in training (their location words can be swapped)
 
 
 def settings(p: Params) -> dict[str, Any]:
@@ -51,13 +52,15 @@ def run(p: Params, manifest: Path, out: Path, metrics: Path | None = None, repor
 
     parts: list[Any] = []
     flips: list[Any] = []
+    mirrored = rows[rows.split == FLIP_SPLIT].reset_index(drop=True) if p.student.augment_flip else rows[:0]
     with torch.inference_mode():
         for i in range(0, len(rows), 32):
             x = to_tensor(list(rows.path[i:i + 32]), cfg.image_size)
             parts.append(trunk(x, 0, cfg.frozen_blocks) if cfg.frozen_blocks else x)
-            if p.student.augment_flip:  # the mirrored image through the trunk (conv features are not mirror-equal)
-                xf = torch.flip(x, dims=[3])
-                flips.append(trunk(xf, 0, cfg.frozen_blocks) if cfg.frozen_blocks else xf)
+        # the mirrored images of the human-labelled split, through the trunk (conv features are not mirror-equal)
+        for i in range(0, len(mirrored), 32):
+            xf = torch.flip(to_tensor(list(mirrored.path[i:i + 32]), cfg.image_size), dims=[3])
+            flips.append(trunk(xf, 0, cfg.frozen_blocks) if cfg.frozen_blocks else xf)
     feats = torch.cat(parts).contiguous()
     tensors = {"features": feats}
     if flips:
@@ -65,7 +68,7 @@ def run(p: Params, manifest: Path, out: Path, metrics: Path | None = None, repor
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / "features.safetensors"))
         (tmp / "index.json").write_text(json.dumps({"sha256": list(rows.sha256), "split": list(rows.split),
-                                                    **settings(p)}) + "\n")
+                                                    "flipped_sha256": list(mirrored.sha256), **settings(p)}) + "\n")
     res = {"images": len(rows), "shape": list(feats.shape[1:]),
            "megabytes": round(sum(t.numel() for t in tensors.values()) * 4 / 2**20, 1),
            "seconds": round(time.perf_counter() - t0, 2), **settings(p)}
@@ -80,7 +83,8 @@ def run(p: Params, manifest: Path, out: Path, metrics: Path | None = None, repor
 
 def load(p: Params, folder: Path, shas: list[str]) -> tuple[Any, Any]:
     """The cached features of the given images, in that order, and those of their mirror images (None when
-    student.augment_flip is off); refuses a cache made with other settings."""
+    student.augment_flip is off; NaN rows for images outside the labelled split, which are never mirrored, so a
+    misuse cannot pass silently); refuses a cache made with other settings."""
     from safetensors.torch import load_file
 
     idx_file = Path(folder) / "index.json"
@@ -99,9 +103,15 @@ def load(p: Params, folder: Path, shas: list[str]) -> tuple[Any, Any]:
     import torch
 
     data = load_file(str(Path(folder) / "features.safetensors"))
-    sel = torch.tensor([pos[s] for s in shas], dtype=torch.long)
-    flipped = data.get("flipped")
-    return data["features"][sel], (flipped[sel] if flipped is not None else None)
+    feats = data["features"][torch.tensor([pos[s] for s in shas], dtype=torch.long)]
+    if "flipped" not in data:
+        return feats, None
+    fpos = {s: i for i, s in enumerate(idx["flipped_sha256"])}
+    flipped = torch.full_like(feats, float("nan"))
+    have = [k for k, s in enumerate(shas) if s in fpos]
+    if have:
+        flipped[torch.tensor(have)] = data["flipped"][torch.tensor([fpos[shas[k]] for k in have])]
+    return feats, flipped
 
 
 def _args(ap: argparse.ArgumentParser) -> None:

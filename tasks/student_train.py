@@ -214,8 +214,8 @@ def train(p: Params, model: Any, vlm: Any, feats: torch.Tensor, train_ex: list[E
           alpha: float = 0.0, feats_flip: torch.Tensor | None = None) -> TrainResult:
     """AdamW over the trainable parameters for `steps` steps (batches drawn by epoch-wise permutation), val
     evaluation every `eval_every` steps, early stopping on val CE loss with `patience`; the best state is
-    restored. Curves go to DVCLive. With `feats_flip`, each example whose reason is text (human or pasted; a
-    teacher's reason is token ids tied to its soft targets) is mirrored with probability 1/2."""
+    restored. Curves go to DVCLive. With `feats_flip`, each human or pasted example is mirrored with
+    probability 1/2 (a teacher's answer is not: its reason tokens are tied to its soft targets)."""
     from tasks.metrics import auroc
 
     cfg = p.student
@@ -253,7 +253,7 @@ def train(p: Params, model: Any, vlm: Any, feats: torch.Tensor, train_ex: list[E
         idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
         batch = [train_ex[j] for j in idx]
         if feats_flip is not None:
-            batch = [flipped_copy(e) if e.reason_ids is None and rng.random() < 0.5 else e for e in batch]
+            batch = [flipped_copy(e) if e.source in ("human", "paste") and rng.random() < 0.5 else e for e in batch]
         model.train()
         loss = batch_loss(model, vlm, feats, batch, cfg.key_token_weight, kd, alpha, feats_flip)
         loss.backward()

@@ -27,6 +27,13 @@ def test_dvc_repro_runs_the_stages(tiny_repo):
     assert len(labels) == int(df.split.isin(["labelled", "unlabelled"]).sum())
     assert (tiny_repo / "models" / "base_lm" / "model.safetensors").exists()
     assert lock["stages"]["synth"]["params"]["params.yaml"]["synth"]["good_per_category"] == 20
+    for model in ("baseline", "sft", "distill"):
+        cfg = json.loads((tiny_repo / "models" / model / "config.json").read_text())
+        assert cfg["model_type"] == "edgeqa_student"
+        m = json.loads((tiny_repo / "reports" / "evaluate" / model / "metrics.json").read_text())
+        assert m["parse_rate"] == 1.0
+    table = (tiny_repo / "reports" / "retention" / "report.md").read_text()
+    assert all(f"| {row} |" in table for row in ("teacher", "baseline", "sft", "distill"))
     assert dvc(tiny_repo, "status", "--json").stdout.strip() == "{}"
     r = dvc(tiny_repo, "repro")
     assert "didn't change, skipping" in r.stdout or "up to date" in r.stdout
@@ -74,3 +81,13 @@ def test_bad_params_value_stops_dvc_repro_with_the_key_named(tmp_path, stack):
     assert r.returncode != 0
     assert "ingest: min_side (99999) must be <= max_side" in (r.stdout + r.stderr)
     assert not (repo / "data" / "ingest").exists()
+
+
+def test_dvc_exp_run_sweeps_the_distillation_temperature(tmp_path, tiny_repo):
+    repo = tmp_path / "r"
+    shutil.copytree(tiny_repo, repo, symlinks=True)
+    r = dvc(repo, "exp", "run", "-S", "distill.temperature=3.5")
+    assert "Running stage 'distill'" in r.stdout and "Running stage 'sft'" not in r.stdout, r.stdout
+    assert json.loads((repo / "reports" / "distill" / "metrics.json").read_text())["temperature"] == 3.5
+    shown = dvc(repo, "exp", "show", "--json").stdout
+    assert "3.5" in shown
