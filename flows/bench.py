@@ -113,11 +113,68 @@ def main() -> int:
             stack.down()
     benchrec.write(out, recs)
     print(f"wrote {out}")
-    teacher_bench(params)
+    teacher_ips = teacher_bench(params)
+    student_bench(params, teacher_ips)
     return 0
 
 
-def teacher_bench(params: Any) -> None:
+def student_bench(params: Any, teacher_ips: float | None) -> None:
+    """reports/bench/student.json: size, answer speed in PyTorch and in onnxruntime (exported here, to a temp
+    folder), both beside the teacher's speed measured in the same `make bench` run, and the training time."""
+    import json
+
+    import pandas as pd
+
+    from tasks.export import OrtStudent, export
+    from tasks.student import Student, is_student_folder
+    from tasks.student_train import teacher_parameters
+
+    sdir = REPO / params.paths.distill_dir
+    manifest = REPO / params.paths.ingest_dir / "manifest.parquet"
+    if not is_student_folder(sdir) or not manifest.exists():
+        print(f"no student at {sdir}: run `make run` first; student benchmark skipped")
+        return
+    out = REPO / params.paths.bench_dir / "student.json"
+    df = pd.read_parquet(manifest)
+    paths = list(df[df.split == "unlabelled"].path[: 2 * params.label.batch_size])
+    st = Student(sdir, params.student.threads)
+    n_s = st.parameters()
+    n_t = teacher_parameters(params, REPO / params.paths.teacher_dir, REPO / params.paths.base_lm_dir)
+    st.predict_paths(paths[:2], params.teacher.max_reason_tokens, 1)  # warm-up
+    t0 = time.perf_counter()
+    for i in range(0, len(paths), params.label.batch_size):
+        st.predict_paths(paths[i:i + params.label.batch_size], params.teacher.max_reason_tokens, 1)
+    ips = len(paths) / (time.perf_counter() - t0)
+    with tempfile.TemporaryDirectory() as tmp:
+        export(sdir, Path(tmp) / "onnx")
+        ort = OrtStudent(Path(tmp) / "onnx", params.student.threads)
+        ort.predict_paths(paths[:1], params.teacher.max_reason_tokens)
+        t0 = time.perf_counter()
+        ort.predict_paths(paths[:16], params.teacher.max_reason_tokens)
+        ort_ips = 16 / (time.perf_counter() - t0)
+    recs = [benchrec.record("student:parameters", n_s, "count", None, "every parameter in model.safetensors"),
+            benchrec.record("student:teacher_parameters", n_t, "count", None, "the teacher's weight files"),
+            benchrec.record("student:parameter_ratio", n_t / n_s if n_t else None, "x", ">= 30", "teacher / student"),
+            benchrec.record("student:images_per_s", ips, "img/s", None,
+                            f"Student.predict_paths (PyTorch), batch {params.label.batch_size}, {len(paths)} images"),
+            benchrec.record("student:onnxruntime_images_per_s", ort_ips, "img/s", None,
+                            "OrtStudent, one image at a time, 16 images (FP32, before quantization)")]
+    if teacher_ips:
+        recs.append(benchrec.record("student:speedup_over_teacher", ips / teacher_ips, "x", None,
+                                    "student / teacher img/s, both measured in this run"))
+    stage_times = REPO / params.paths.bench_dir / "pipeline.json"
+    if stage_times.exists():
+        walls = {r["name"]: r["value"] for r in json.loads(stage_times.read_text())["records"]}
+        parts = [walls.get(f"stage:{s}") for s in ("baseline", "sft", "distill")]
+        if all(v is not None for v in parts):
+            recs.append(benchrec.record("student:train_stages_s", sum(parts), "s", "<= 120 s (README budget)",
+                                        "baseline + sft + distill stage walls, last edgeqa run"))
+    benchrec.write(out, recs)
+    print(f"student: {n_s:,} parameters ({n_t / n_s if n_t else float('nan'):.1f}x fewer), {ips:.1f} img/s "
+          f"PyTorch, {ort_ips:.1f} img/s onnxruntime; wrote {out}")
+
+
+def teacher_bench(params: Any) -> float | None:
     """reports/bench/teacher.json: labelling throughput of the teacher the pipeline built (never retrains)."""
     import json
 
@@ -129,7 +186,7 @@ def teacher_bench(params: Any) -> None:
     manifest = REPO / params.paths.ingest_dir / "manifest.parquet"
     if not (tdir / "teacher.json").exists() or not manifest.exists():
         print(f"no teacher at {tdir}: run `make run` first; teacher benchmark skipped")
-        return
+        return None
     out = REPO / params.paths.bench_dir / "teacher.json"
     df = pd.read_parquet(manifest)
     paths = list(df[df.split == "unlabelled"].path[: 2 * params.label.batch_size])
@@ -157,6 +214,7 @@ def teacher_bench(params: Any) -> None:
                                             "last edgeqa run (reports/bench/pipeline.json)"))
     benchrec.write(out, recs)
     print(f"teacher: {len(paths) / dt:.2f} img/s, {toks:.1f} tokens/image; wrote {out}")
+    return len(paths) / dt
 
 
 if __name__ == "__main__":

@@ -59,8 +59,13 @@ def test_secret_appears_in_no_artifact_and_no_flow_log(flow_run, stack, prefect_
         async with get_client() as c:
             arts = await c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
                 any_=[flow_run["id"]])))
-            logs = await c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run["id"]])))
-            return arts, logs
+            logs: list = []
+            while True:  # the API pages its answers (200 entries by default): read them all
+                page = await c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run["id"]])),
+                                         limit=200, offset=len(logs))
+                logs += page
+                if len(page) < 200:
+                    return arts, logs
 
     arts, logs = asyncio.run(read())
     assert arts and logs
