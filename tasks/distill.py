@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks.common import StageError, atomic_write_text, md_table, output_args, stage_main, write_json
+from tasks.common import StageError, atomic_write_text, md_table, stage_main, write_json
 from tasks.config import Params, load_params
+from tasks.student_train import student_stage_args
 
 log = logging.getLogger("edgeqa.distill")
 
@@ -223,19 +224,12 @@ def run(p: Params, sft_dir: Path, base_lm_dir: Path, teacher_dir: Path, manifest
 
 def _args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--sft", required=True, type=Path, help="the sft student folder to start from")
-    ap.add_argument("--base-lm", required=True, type=Path)
-    ap.add_argument("--teacher", required=True, type=Path)
-    ap.add_argument("--manifest", required=True, type=Path)
-    ap.add_argument("--labels", required=True, type=Path)
-    ap.add_argument("--features", required=True, type=Path, help="the student_features folder")
-    output_args(ap, "student folder to write")
-    ap.add_argument("--live", type=Path, help="DVCLive folder for the training curves")
+    student_stage_args(ap)
 
 
 def _main(args: argparse.Namespace) -> None:
     run(load_params(args.params), args.sft, args.base_lm, args.teacher, args.manifest, args.labels, args.features,
-        args.out,
-        args.metrics, args.report, args.live)
+        args.out, args.metrics, args.report, args.live)
 
 
 def main() -> None:

@@ -17,7 +17,6 @@ student ids map back to the same text and the teacher's top-k targets map onto s
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict
@@ -291,15 +290,6 @@ def is_student_folder(folder: Path) -> bool:
     return f.is_file() and json.loads(f.read_text()).get("model_type") == StudentConfig.model_type
 
 
-def fingerprint(folder: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(Path(folder).rglob("*")):
-        if p.is_file():
-            h.update(p.relative_to(folder).as_posix().encode())
-            h.update(hashlib.sha256(p.read_bytes()).digest())
-    return h.hexdigest()[:16]
-
-
 class Student:
     """A saved student, answering images the way `LocalTeacher` does (same prompt, schema, scorer, generator)."""
 
@@ -320,6 +310,8 @@ class Student:
         self.vlm = VisionLM(self.model.decoder, self.tok, self.model.projector,
                             Layout.build(self.tok, self.meta.schema()), self.meta.verdict_temperature,
                             self.meta.type_temperature)
+        from tasks.teacher import fingerprint
+
         self.fingerprint = fingerprint(folder)
 
     def parameters(self) -> int:

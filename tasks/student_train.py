@@ -6,6 +6,7 @@ Budgets are in optimizer steps, so `baseline` and `sft` get the same budget what
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import logging
@@ -20,7 +21,7 @@ import pandas as pd
 import torch
 
 from tasks.answer import Answer, AnswerSchema
-from tasks.common import StageError, atomic_dir
+from tasks.common import StageError, atomic_dir, output_args
 from tasks.config import Params
 
 log = logging.getLogger("edgeqa.student")
@@ -333,3 +334,14 @@ def check_ratio(p: Params, student_params: int, teacher_params: int | None) -> f
                          f"{teacher_params:,}; student.min_param_ratio asks for {p.student.min_param_ratio}x: shrink "
                          "student.decoder or student.vision_blocks")
     return ratio
+
+
+def student_stage_args(ap: argparse.ArgumentParser) -> None:
+    """The inputs and outputs every student training stage takes from dvc.yaml."""
+    ap.add_argument("--base-lm", required=True, type=Path)
+    ap.add_argument("--teacher", required=True, type=Path)
+    ap.add_argument("--manifest", required=True, type=Path)
+    ap.add_argument("--labels", required=True, type=Path)
+    ap.add_argument("--features", required=True, type=Path, help="the student_features folder")
+    output_args(ap, "student folder to write")
+    ap.add_argument("--live", type=Path, help="DVCLive folder for the training curves")
