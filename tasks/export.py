@@ -124,7 +124,7 @@ class OrtStudent:
     def __init__(self, folder: Path, threads: int = 2):
         import onnxruntime as ort
         from safetensors.numpy import load_file
-        from transformers import AutoTokenizer
+        from tokenizers import Tokenizer
 
         folder = Path(folder)
         for name in (VISION, DECODER, EMBEDDINGS, RUNTIME):
@@ -138,7 +138,7 @@ class OrtStudent:
         self.rt = json.loads((folder / RUNTIME).read_text())
         self.L = self.rt["layout"]
         self.schema = AnswerSchema(types=tuple(self.rt["types"]), locations=tuple(self.rt["locations"]))
-        self.base_tok = AutoTokenizer.from_pretrained(folder / "tokenizer")
+        self.base_tok = Tokenizer.from_file(str(folder / "tokenizer" / "tokenizer.json"))  # no transformers, no torch
         self.keep = self.rt["vocab_map"]
 
     # ---------------------------------------------------------------------------------------- decoder

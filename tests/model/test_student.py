@@ -191,6 +191,15 @@ def test_onnx_export_answers_like_pytorch(arch, tiny_params, base_lm_dir, tiny_t
         sft.run(override(tiny_params, student__decoder__arch="gpt2", sft__steps=4), "sft", base_lm_dir,
                 tiny_teacher["dir"], tiny_manifest, tiny_labels, tiny_students["features"], folder)
     info = export(folder, tmp_path / "onnx")
+    import subprocess
+    import sys
+
+    probe = ("import sys; from pathlib import Path; from tasks.export import OrtStudent, pixels; "
+             f"s = OrtStudent(Path({str(tmp_path / 'onnx')!r})); "
+             f"s.predict_paths([{str(_split(tiny_manifest, 'test').path.iloc[0])!r}], 4); "
+             "print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert r.stdout.strip().endswith("False"), "the exported runtime answers without importing torch"
     assert {"vision.onnx", "decoder.onnx", "embeddings.safetensors", "runtime.json"} <= set(info["files"])
     ort_student, torch_student = OrtStudent(tmp_path / "onnx"), Student(folder)
     paths = list(_split(tiny_manifest, "test").path[:4])
