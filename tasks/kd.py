@@ -8,6 +8,7 @@ and renormalised over the ids kept, and student_T = softmax(student logits / T) 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -56,7 +57,7 @@ def restrict(teacher_ids: Sequence[int], logprobs: Sequence[float], to_student: 
     for t, lp in zip(teacher_ids, logprobs):
         s = to_student.get(int(t))
         if s is None:
-            dropped += float(torch.tensor(lp).exp())
+            dropped += math.exp(lp)
         else:
             ids.append(s)
             lps.append(float(lp))
@@ -71,4 +72,4 @@ def option_targets(probs: dict[str, float], options: Sequence[str], option_ids: 
     for o, ids in zip(options, option_ids):
         mass[ids[0]] = mass.get(ids[0], 0.0) + float(probs.get(o, 0.0))
     keep = {k: v for k, v in mass.items() if v > 0}
-    return list(keep), [float(torch.tensor(v).log()) for v in keep.values()]
+    return list(keep), [math.log(v) for v in keep.values()]

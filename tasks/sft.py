@@ -117,9 +117,9 @@ def run(p: Params, role: Role, base_lm_dir: Path, teacher_dir: Path, manifest: P
     t1 = time.perf_counter()
     feats, feats_flip = load_features(p, features_dir, shas)
     if pasted:
-        feats = torch.cat([feats, frozen_features(model, [], pasted)])
+        feats = torch.cat([feats, frozen_features(model, pasted)])
         if feats_flip is not None:
-            feats_flip = torch.cat([feats_flip, frozen_features(model, [], [a[:, ::-1].copy() for a in pasted])])
+            feats_flip = torch.cat([feats_flip, frozen_features(model, [a[:, ::-1].copy() for a in pasted])])
     t_feat = time.perf_counter() - t1
 
     vlm = VisionLM(model.decoder, tok, model.projector, Layout.build(tok, schema))

@@ -23,7 +23,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
@@ -356,14 +355,3 @@ def load_answerer(folder: Path, threads: int = 2) -> Any:
     from tasks.teacher import load_teacher
 
     return load_teacher(folder, threads)
-
-
-def frozen_feature_batches(model: StudentModel, paths: Sequence[str], batch: int = 32) -> np.ndarray:
-    """The frozen trunk's output for image files (N, C, H, W), float32."""
-    from tasks.vision import to_tensor
-
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(paths), batch):
-            out.append(model.frozen_features(to_tensor(paths[i:i + batch], model.config.image_size)).numpy())
-    return np.concatenate(out).astype(np.float32) if out else np.zeros((0,), np.float32)

@@ -145,20 +145,16 @@ def new_student(p: Params, schema: AnswerSchema, base_lm_dir: Path, texts: Seque
     return model, tok, base
 
 
-def frozen_features(model: Any, paths: Sequence[str], images: Sequence[np.ndarray] = ()) -> torch.Tensor:
-    """The frozen trunk's output for image files and in-memory RGB images (uint8 HxWx3), concatenated."""
-    from tasks.student import frozen_feature_batches
+def frozen_features(model: Any, images: Sequence[np.ndarray]) -> torch.Tensor:
+    """The frozen trunk's output for in-memory RGB images (uint8 HxWx3), e.g. pasted defects; image files go
+    through the student_features stage."""
+    from tasks.vision import tensor_from_arrays
 
-    f = frozen_feature_batches(model, list(paths))
-    parts = [torch.from_numpy(f)] if len(paths) else []
-    if len(images):
-        from tasks.vision import tensor_from_arrays
-
-        with torch.inference_mode():
-            for i in range(0, len(images), 32):
-                x = tensor_from_arrays(images[i:i + 32], model.config.image_size)
-                parts.append(model.frozen_features(x))
-    return torch.cat(parts) if parts else torch.zeros(0)
+    parts = []
+    with torch.inference_mode():
+        for i in range(0, len(images), 32):
+            parts.append(model.frozen_features(tensor_from_arrays(images[i:i + 32], model.config.image_size)))
+    return torch.cat(parts)
 
 
 def apply_lora(p: Params, model: Any) -> Any:

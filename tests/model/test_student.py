@@ -165,6 +165,29 @@ def test_gpt2_variant_builds_trains_and_generates(tiny_params, base_lm_dir, tiny
         assert pr["generated_tokens"] >= 1
 
 
+def test_pasted_defects_carry_masks_facts_and_answers_through_sft(tiny_params, base_lm_dir, tiny_teacher,
+                                                                  tiny_manifest, tiny_labels, tiny_students, tmp_path):
+    from tasks import sft
+    from tasks.answer import AnswerSchema
+    from tasks.paste import paste_examples
+
+    p = override(tiny_params, sft__paste__enabled=True, sft__paste__per_type=3, sft__steps=2,
+                 sft__paste__renderers=[["crack", "crack"], ["hole", "hole"]])
+    schema = AnswerSchema(types=tuple(p.ingest.defect_types))
+    images, answers, info = paste_examples(p, _split(tiny_manifest, "labelled"), schema)
+    assert len(images) == len(answers) == 6 and info["per_type"] == {"crack": 3, "hole": 3}
+    for img, a in zip(images, answers):
+        assert img.shape == (p.student.image_size, p.student.image_size, 3)
+        schema.parse(schema.format(a))
+        assert a.verdict == "defective" and a.defect_type in ("crack", "hole") and a.location in a.reason
+    res = sft.run(p, "baseline", base_lm_dir, tiny_teacher["dir"], tiny_manifest, tiny_labels,
+                  tiny_students["features"], tmp_path / "pasted")
+    assert res["examples_by_source"]["paste"] == 6 and res["paste"]["per_type"] == {"crack": 3, "hole": 3}
+    with pytest.raises(StageError, match="sft.paste.renderers names type"):
+        paste_examples(override(p, sft__paste__renderers=[["blowhole", "hole"]]), _split(tiny_manifest, "labelled"),
+                       schema)
+
+
 def test_bad_lora_targets_name_the_key(tiny_params):
     from tasks.student import StudentConfig, StudentModel, decoder_config_dict
     from tasks.student_train import apply_lora
