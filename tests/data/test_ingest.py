@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tasks import ingest
-from tasks.common import StageError
-from tasks.manifest import COLUMNS
+from edgeqa.data import ingest
+from edgeqa.errors import StageError
+from edgeqa.data.manifest import COLUMNS
 
 from .helpers import img, mask, mvtec
 

@@ -5,13 +5,16 @@ import shutil
 import pandas as pd
 import pytest
 
-from tasks import ingest, profiles, validate
-from tasks.config import load_params
+from edgeqa.data import ingest
+from edgeqa.config import profiles
+from edgeqa.data import validate
+from edgeqa.config import load_params
 
-from ..conftest import REPO, SHARED_MTILE
+from ..conftest import REPO, mtile_root
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow,
-              pytest.mark.skipif(not SHARED_MTILE.is_dir(), reason="../shared/datasets/magnetic-tile not present")]
+              pytest.mark.skipif(not mtile_root().is_dir(),
+                                 reason=f"the magnetic-tile dataset is not at {mtile_root()} (EDGEQA_MTILE_ROOT)")]
 
 
 def test_ingest_and_validate_magnetic_tile(tmp_path):
@@ -19,7 +22,8 @@ def test_ingest_and_validate_magnetic_tile(tmp_path):
     shutil.copy(REPO / "params.yaml", p)
     profiles.apply("mtile", p, REPO)
     params = load_params(p)
-    rep = ingest.run(params.ingest, SHARED_MTILE, tmp_path / "ingest")
+    assert (REPO / params.ingest.root).resolve() == mtile_root(), "the profile and the tests locate it one way"
+    rep = ingest.run(params.ingest, mtile_root(), tmp_path / "ingest")
     df = pd.read_parquet(tmp_path / "ingest" / "manifest.parquet")
     assert rep.images == len(df) == 933
     assert (df.label == "good").sum() == 665

@@ -5,8 +5,8 @@ import shutil
 import pandas as pd
 import pytest
 
-from tasks import validate
-from tasks.common import StageError
+from edgeqa.data import validate
+from edgeqa.errors import StageError
 
 
 @pytest.fixture

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from tasks import ingest, synth
+from edgeqa.data import ingest
+from edgeqa.data import synth
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -81,7 +82,7 @@ def test_linear_probe_on_imagenet_lite0_is_hard_but_learnable(demo_data):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from tasks.vision import load_lite0, pooled_features
+    from edgeqa.vlm.vision import load_lite0, pooled_features
 
     y = (demo_data.label == "defective").to_numpy().astype(int)
     x = pooled_features(load_lite0(), list(demo_data.path))

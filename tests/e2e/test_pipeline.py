@@ -7,11 +7,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from tasks import profiles
+from edgeqa.config import profiles
 
-from ..conftest import REPO, STAGES, copy_repo, dvc
-
-SHARED = REPO.parent / "shared"
+from ..conftest import STAGES, copy_repo, dvc, mtile_root
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -27,7 +25,7 @@ def test_dvc_repro_runs_the_stages(tiny_repo):
     assert len(labels) == int(df.split.isin(["labelled", "unlabelled"]).sum())
     assert (tiny_repo / "models" / "base_lm" / "model.safetensors").exists()
     assert lock["stages"]["synth"]["params"]["params.yaml"]["synth"]["good_per_category"] == 20
-    for model in ("baseline", "sft", "distill"):
+    for model in yaml.safe_load((tiny_repo / "params.yaml").read_text())["evaluate"]["models"][1:]:
         cfg = json.loads((tiny_repo / "models" / model / "config.json").read_text())
         assert cfg["model_type"] == "edgeqa_student"
         m = json.loads((tiny_repo / "reports" / "evaluate" / model / "metrics.json").read_text())
@@ -58,7 +56,9 @@ def test_applying_a_profile_makes_dvc_status_list_exactly_the_stages_whose_param
                                                                                             profile):
     repo = tmp_path / "r"
     shutil.copytree(tiny_repo, repo, symlinks=True)
-    (tmp_path / "shared").symlink_to(SHARED)  # the repo copy sees ../shared as the real checkout does
+    # the copy sees the dataset where the profile resolves it (../shared/... unless EDGEQA_MTILE_ROOT says so)
+    (tmp_path / "shared" / "datasets").mkdir(parents=True)
+    (tmp_path / "shared" / "datasets" / "magnetic-tile").symlink_to(mtile_root())
     changed = profiles.apply(profile, repo / "params.yaml", repo)
     expected = {stage for stage, keys in _params_of_stage(repo).items()
                 if any(k == key or k.startswith(key + ".") for k in changed for key in keys)}
@@ -91,3 +91,23 @@ def test_dvc_exp_run_sweeps_the_distillation_temperature(tmp_path, tiny_repo):
     assert json.loads((repo / "reports" / "distill" / "metrics.json").read_text())["temperature"] == 3.5
     shown = dvc(repo, "exp", "show", "--json").stdout
     assert "3.5" in shown
+
+
+def test_each_stage_reads_only_the_params_its_dvc_yaml_entry_declares(tiny_repo):
+    """Every stage process of the tiny `dvc repro` recorded the params fields it read (EDGEQA_TRACE_PARAMS);
+    each read is covered by the stage's `params:` in dvc.yaml, so DVC reruns a stage exactly when what it reads
+    changes."""
+    from edgeqa.config.trace import covered, leaf_keys
+
+    declared = _params_of_stage(tiny_repo)
+    traces = [json.loads(f.read_text()) for f in (tiny_repo.parent / "params-trace").glob("*.json")]
+    seen = {t["stage"] for t in traces}
+    assert seen == set(STAGES), f"a trace from every stage: missing {set(STAGES) - seen}"
+    problems = {}
+    for t in traces:
+        keys = leaf_keys(t["keys"])
+        assert keys, f"{t['stage']} read no params at all"
+        bad = sorted(k for k in keys if not covered(k, declared[t["stage"]]))
+        if bad:
+            problems[t["stage"]] = bad
+    assert not problems, f"stages read params their dvc.yaml entry does not declare: {problems}"

@@ -6,7 +6,7 @@ import subprocess
 import psutil
 import pytest
 
-from flows.stack import Credentials, Stack, StackConfig, StackError, free_port
+from edgeqa.stack import Credentials, Stack, StackConfig, StackError, free_port
 
 from ..conftest import REPO
 
@@ -108,10 +108,14 @@ def test_secret_appears_in_no_log_and_no_tracked_file(stack, flow_run):
 
 
 def test_stack_config_env_overrides_and_validation(tmp_path):
-    cfg = StackConfig.load(env={"EDGEQA_S3_PORT": "18999", "EDGEQA_STATE_DIR": str(tmp_path)})
+    cfg = StackConfig.load(REPO, env={"EDGEQA_S3_PORT": "18999", "EDGEQA_STATE_DIR": str(tmp_path)})
     assert cfg.ports["s3"] == 18999 and cfg.state_dir == tmp_path
+    assert StackConfig.load(tmp_path / "elsewhere", env={}, path=REPO / "infra" / "stack.yaml").state_dir == \
+        (tmp_path / "elsewhere" / ".edgeqa").resolve(), "a relative state dir belongs to the project, not the install"
+    with pytest.raises(StackError, match="stack.yaml is missing"):
+        StackConfig.load(tmp_path, env={})
     with pytest.raises(StackError, match=r"port prefect \(EDGEQA_PREFECT_PORT\): 'x' is not an integer"):
-        StackConfig.load(env={"EDGEQA_PREFECT_PORT": "x"})
+        StackConfig.load(REPO, env={"EDGEQA_PREFECT_PORT": "x"})
     with pytest.raises(StackError, match="outside 1..65535"):
-        StackConfig.load(env={"EDGEQA_MASTER_PORT": "70000"})
+        StackConfig.load(REPO, env={"EDGEQA_MASTER_PORT": "70000"})
     assert json.dumps(cfg.ports)

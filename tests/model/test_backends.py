@@ -25,9 +25,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tasks import evaluate, label, teacher_sft
-from tasks.answer import STRICT_PROMPT, reference_answer
-from tasks.common import StageError
+from edgeqa.data.manifest import reference_answer
+from edgeqa.errors import StageError
+from edgeqa_runtime.schema import STRICT_PROMPT
+
+from ..conftest import run_evaluate, run_label, run_teacher_sft
 
 pytestmark = pytest.mark.slow
 
@@ -131,8 +133,8 @@ def test_openai_backend_labels_and_evaluates_through_a_loopback_server(oracle, t
     oracle.garble = _pixels_hash(Image.open(pool.path.iloc[3]))
     oracle.fail_first = 3  # two 429s, then a 500: each retried with backoff by the SDK
     tdir = tmp_path / "teacher"
-    teacher_sft.run(p, tmp_path / "unused", tiny_manifest, tdir, tmp_path / "sft.json", tmp_path / "sft.md")
-    res = label.run(p, tdir, tiny_manifest, tmp_path / "labels", tmp_path / "m.json", tmp_path / "r.md")
+    run_teacher_sft(p, tmp_path / "unused", tiny_manifest, tdir, tmp_path / "sft.json", tmp_path / "sft.md")
+    res = run_label(p, tdir, tiny_manifest, tmp_path / "labels", tmp_path / "m.json", tmp_path / "r.md")
     assert oracle.seen["429"] == 2 and oracle.seen["500"] == 1, oracle.seen
     recs = [json.loads(x) for x in (tmp_path / "labels" / "labels.jsonl").read_text().splitlines()]
     assert len(recs) == len(pool) and res["parse_rate"] == 1.0
@@ -145,7 +147,7 @@ def test_openai_backend_labels_and_evaluates_through_a_loopback_server(oracle, t
     assert u["requests"] == len(pool) + 1 and u["prompt_tokens"] == 100 * u["requests"]
     assert u["cost_usd"] == pytest.approx((100 * 2.5 + 20 * 10.0) * u["requests"] / 1e6)
     assert u["structured_output"] is True and oracle.seen["schema"] > 0
-    ev = evaluate.run(p, "teacher", tdir, tiny_manifest, tmp_path / "eval", tmp_path / "em.json")
+    ev = run_evaluate(p, "teacher", tdir, tiny_manifest, tmp_path / "eval", tmp_path / "em.json")
     assert ev["auroc"] == 1.0 and ev["type_accuracy"] == 1.0 and ev["location_accuracy"] == 1.0
     assert ev["reason_names_type_and_location"] == 1.0 and ev["reason_similarity"] == pytest.approx(1.0, abs=1e-4)
     assert ev["type_accuracy_per_type"] and ev["auroc_lm_alone"] is None
@@ -161,8 +163,8 @@ def test_openai_server_without_json_schema_falls_back_to_the_parser(oracle, tiny
     oracle.refuse_schema = True
     p = _openai_params(tiny_params, oracle.url)
     tdir = tmp_path / "teacher"
-    teacher_sft.run(p, tmp_path / "unused", tiny_manifest, tdir)
-    res = label.run(p, tdir, tiny_manifest, tmp_path / "labels")
+    run_teacher_sft(p, tmp_path / "unused", tiny_manifest, tdir)
+    res = run_label(p, tdir, tiny_manifest, tmp_path / "labels")
     assert res["parse_rate"] == 1.0 and res["usage"]["structured_fallbacks"] >= 1
     assert res["usage"]["structured_output"] is False
 
@@ -173,22 +175,22 @@ def test_openai_wrong_key_or_endpoint_down_gives_a_clear_error_naming_the_endpoi
     monkeypatch.setenv("EDGEQA_TEST_KEY", "sk-wrong-key-xyz")
     p = _openai_params(tiny_params, oracle.url)
     tdir = tmp_path / "teacher"
-    teacher_sft.run(p, tmp_path / "unused", tiny_manifest, tdir)
+    run_teacher_sft(p, tmp_path / "unused", tiny_manifest, tdir)
     with pytest.raises(StageError) as e:
-        label.run(p, tdir, tiny_manifest, tmp_path / "labels")
+        run_label(p, tdir, tiny_manifest, tmp_path / "labels")
     assert oracle.url in str(e.value) and "401" in str(e.value) and "sk-wrong-key-xyz" not in str(e.value)
     assert "EDGEQA_TEST_KEY" in str(e.value)
     with socket.socket() as s:  # a port that nothing listens on
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
     p = _openai_params(tiny_params, dead, max_retries=1, timeout_s=2)
-    teacher_sft.run(p, tmp_path / "unused", tiny_manifest, tmp_path / "t2")
+    run_teacher_sft(p, tmp_path / "unused", tiny_manifest, tmp_path / "t2")
     with pytest.raises(StageError, match=r"could not be reached after 1 retries") as e:
-        label.run(p, tmp_path / "t2", tiny_manifest, tmp_path / "labels2")
+        run_label(p, tmp_path / "t2", tiny_manifest, tmp_path / "labels2")
     assert dead in str(e.value)
     monkeypatch.delenv("EDGEQA_TEST_KEY")
     with pytest.raises(StageError, match="EDGEQA_TEST_KEY .* is not set"):
-        label.run(p, tmp_path / "t2", tiny_manifest, tmp_path / "labels3")
+        run_label(p, tmp_path / "t2", tiny_manifest, tmp_path / "labels3")
 
 
 def _tiny_blip2(folder, tokenizer_dir):
@@ -228,9 +230,9 @@ def test_hf_backend_runs_a_blip2_folder_end_to_end_code_path_only(tiny_params, t
     p = tiny_params.model_copy(update={"teacher": tiny_params.teacher.model_copy(update={"backend": "hf", "hf": hf}),
                                        "label": tiny_params.label.model_copy(update={"batch_size": 8})})
     tdir = tmp_path / "teacher"
-    teacher_sft.run(p, tmp_path / "unused", tiny_manifest, tdir)
+    run_teacher_sft(p, tmp_path / "unused", tiny_manifest, tdir)
     assert json.loads((tdir / "teacher.json").read_text())["backend"] == "hf"
-    res = label.run(p, tdir, tiny_manifest, tmp_path / "labels", tmp_path / "m.json", tmp_path / "r.md")
+    res = run_label(p, tdir, tiny_manifest, tmp_path / "labels", tmp_path / "m.json", tmp_path / "r.md")
     recs = [json.loads(x) for x in (tmp_path / "labels" / "labels.jsonl").read_text().splitlines()]
     df = pd.read_parquet(tiny_manifest)
     assert len(recs) == int(df.split.isin(p.label.pools).sum()) == res["images"]
@@ -249,5 +251,5 @@ def test_hf_path_that_is_not_a_model_folder_is_refused(tiny_params, tiny_manifes
     hf = tiny_params.teacher.hf.model_copy(update={"path": str(tmp_path)})
     p = tiny_params.model_copy(update={"teacher": tiny_params.teacher.model_copy(update={"backend": "hf", "hf": hf})})
     with pytest.raises(StageError, match=r"is not a Hugging Face model folder \(no config.json\)"):
-        teacher_sft.run(p, tmp_path / "unused", tiny_manifest, tmp_path / "teacher")
+        run_teacher_sft(p, tmp_path / "unused", tiny_manifest, tmp_path / "teacher")
     assert not (tmp_path / "teacher").exists()

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from tasks import convert
-from tasks.answer import AnswerSchema
-from tasks.common import StageError
-from tasks.config import GRID_WORDS
-from tasks.scoring import first_tokens_distinct, option_token_ids, score_options
+from edgeqa.config import GRID_WORDS
+from edgeqa.errors import StageError
+from edgeqa.vlm import convert
+from edgeqa.vlm.scoring import first_tokens_distinct, option_token_ids, score_options
+from edgeqa_runtime.schema import AnswerSchema
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""The student (tasks/student.py and its stages): vocabulary pruning, save/load, LoRA merge, the GPT-2 variant,
+"""The student (edgeqa.student and its stages): vocabulary pruning, save/load, LoRA merge, the GPT-2 variant,
 ONNX export against onnxruntime, and behaviour (agreement with the teacher, invariance, direction)."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
-from tasks.common import StageError
-from tasks.config import parse_params
+from edgeqa.config import parse_params
+from edgeqa.errors import StageError
 
-from ..conftest import train_students
+from ..conftest import run_sft, train_students
 
 pytestmark = [pytest.mark.slow]
 
@@ -41,8 +41,8 @@ def _split(manifest, split, label=None):
 def test_pruned_vocabulary_round_trips_text_and_ids(base_lm_dir, tiny_manifest):
     from transformers import AutoTokenizer
 
-    from tasks.answer import AnswerSchema
-    from tasks.student import PrunedTokenizer, build_vocab
+    from edgeqa.student.vocab import PrunedTokenizer, build_vocab
+    from edgeqa_runtime.schema import AnswerSchema
 
     base = AutoTokenizer.from_pretrained(base_lm_dir)
     texts = [str(r) for r in pd.read_parquet(tiny_manifest).reason]
@@ -79,7 +79,7 @@ def test_stages_train_the_same_architecture_with_the_same_budget(tiny_students, 
 
 
 def test_student_folder_saves_and_loads_the_hugging_face_way(tiny_students, tmp_path):
-    from tasks.student import TOKENIZER_DIR, Student, StudentModel, count_parameters
+    from edgeqa.student.model import TOKENIZER_DIR, Student, StudentModel, count_parameters
 
     folder = tiny_students["distill"]
     assert (folder / "model.safetensors").is_file() and (folder / TOKENIZER_DIR / "tokenizer.json").is_file()
@@ -99,21 +99,22 @@ def test_student_folder_saves_and_loads_the_hugging_face_way(tiny_students, tmp_
 
 
 def test_parameter_ratio_is_enforced(tiny_params):
-    from tasks.student_train import check_ratio
+    from edgeqa.student.train import check_ratio
 
-    assert check_ratio(tiny_params, 1_000_000, 40_000_000) == 40.0
+    r = tiny_params.student.min_param_ratio
+    assert check_ratio(r, 1_000_000, 40_000_000) == 40.0
     with pytest.raises(StageError, match="min_param_ratio"):
-        check_ratio(tiny_params, 2_000_000, 40_000_000)
-    assert check_ratio(tiny_params, 2_000_000, None) is None  # a remote teacher: no weights to count
+        check_ratio(r, 2_000_000, 40_000_000)
+    assert check_ratio(r, 2_000_000, None) is None  # a remote teacher: no weights to count
 
 
 def test_lora_merge_matches_the_adapted_model(tiny_students, tiny_params):
-    from tasks.student import StudentModel
-    from tasks.student_train import apply_lora
+    from edgeqa.student.model import StudentModel
+    from edgeqa.student.train import apply_lora
 
     p = override(tiny_params, student__lora__vision=True)
     model = StudentModel.from_pretrained(tiny_students["distill"]).eval()
-    peft_model = apply_lora(p, model)
+    peft_model = apply_lora(p.student, model)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, q in peft_model.named_parameters():
@@ -132,11 +133,10 @@ def test_lora_merge_matches_the_adapted_model(tiny_students, tiny_params):
 
 def test_finetune_lora_stage_saves_a_merged_student(tiny_params, base_lm_dir, tiny_teacher, tiny_manifest, tiny_labels,
                                                      tiny_students, tmp_path):
-    from tasks import sft
-    from tasks.student import Student
+    from edgeqa.student.model import Student
 
     p = override(tiny_params, sft__finetune="lora", sft__steps=3)
-    res = sft.run(p, "sft", base_lm_dir, tiny_teacher["dir"], tiny_manifest, tiny_labels,
+    res = run_sft(p, "sft", base_lm_dir, tiny_teacher["dir"], tiny_manifest, tiny_labels,
                   tiny_students["features"], tmp_path / "lora")
     assert res["finetune"] == "lora"
     st = Student(tmp_path / "lora")
@@ -145,12 +145,11 @@ def test_finetune_lora_stage_saves_a_merged_student(tiny_params, base_lm_dir, ti
 
 def test_gpt2_variant_builds_trains_and_generates(tiny_params, base_lm_dir, tiny_teacher, tiny_manifest, tiny_labels,
                                                    tiny_students, tmp_path):
-    from tasks import sft
-    from tasks.answer import AnswerSchema
-    from tasks.student import Student
+    from edgeqa.student.model import Student
+    from edgeqa_runtime.schema import AnswerSchema
 
     p = override(tiny_params, student__decoder__arch="gpt2", sft__steps=4, student__eval_every=2)
-    res = sft.run(p, "sft", base_lm_dir, tiny_teacher["dir"], tiny_manifest, tiny_labels, tiny_students["features"],
+    res = run_sft(p, "sft", base_lm_dir, tiny_teacher["dir"], tiny_manifest, tiny_labels, tiny_students["features"],
                   tmp_path / "gpt2")
     assert res["decoder"] == "gpt2" and res["steps_run"] >= 2
     st = Student(tmp_path / "gpt2")
@@ -159,7 +158,7 @@ def test_gpt2_variant_builds_trains_and_generates(tiny_params, base_lm_dir, tiny
     preds = st.predict_paths(list(rows.path), 6, 1)
     schema = AnswerSchema(types=tuple(st.meta.types), locations=tuple(st.meta.locations))
     for pr in preds:
-        from tasks.answer import Answer
+        from edgeqa_runtime.schema import Answer
 
         schema.parse(schema.format(Answer(**pr["answer"])))
         assert pr["generated_tokens"] >= 1
@@ -167,57 +166,58 @@ def test_gpt2_variant_builds_trains_and_generates(tiny_params, base_lm_dir, tiny
 
 def test_pasted_defects_carry_masks_facts_and_answers_through_sft(tiny_params, base_lm_dir, tiny_teacher,
                                                                   tiny_manifest, tiny_labels, tiny_students, tmp_path):
-    from tasks import sft
-    from tasks.answer import AnswerSchema
-    from tasks.paste import paste_examples
+    from edgeqa.data.paste import paste_examples
+    from edgeqa_runtime.schema import AnswerSchema
 
     p = override(tiny_params, sft__paste__enabled=True, sft__paste__per_type=3, sft__steps=2,
                  sft__paste__renderers=[["crack", "crack"], ["hole", "hole"]])
     schema = AnswerSchema(types=tuple(p.ingest.defect_types))
-    images, answers, info = paste_examples(p, _split(tiny_manifest, "labelled"), schema)
+    images, answers, info = paste_examples(p.sft.paste, p.student.image_size, p.ingest.mask_facts,
+                                           _split(tiny_manifest, "labelled"), schema)
     assert len(images) == len(answers) == 6 and info["per_type"] == {"crack": 3, "hole": 3}
     for img, a in zip(images, answers):
         assert img.shape == (p.student.image_size, p.student.image_size, 3)
         schema.parse(schema.format(a))
         assert a.verdict == "defective" and a.defect_type in ("crack", "hole") and a.location in a.reason
-    res = sft.run(p, "baseline", base_lm_dir, tiny_teacher["dir"], tiny_manifest, tiny_labels,
+    res = run_sft(p, "baseline", base_lm_dir, tiny_teacher["dir"], tiny_manifest, tiny_labels,
                   tiny_students["features"], tmp_path / "pasted")
     assert res["examples_by_source"]["paste"] == 6 and res["paste"]["per_type"] == {"crack": 3, "hole": 3}
     with pytest.raises(StageError, match="sft.paste.renderers names type"):
-        paste_examples(override(p, sft__paste__renderers=[["blowhole", "hole"]]), _split(tiny_manifest, "labelled"),
-                       schema)
+        paste_examples(override(p, sft__paste__renderers=[["blowhole", "hole"]]).sft.paste, p.student.image_size,
+                       p.ingest.mask_facts, _split(tiny_manifest, "labelled"), schema)
 
 
 def test_bad_lora_targets_name_the_key(tiny_params):
-    from tasks.student import StudentConfig, StudentModel, decoder_config_dict
-    from tasks.student_train import apply_lora
+    from edgeqa.student.model import StudentModel, StudentModelConfig, decoder_config_dict
+    from edgeqa.student.train import apply_lora
 
     p = override(tiny_params, student__lora__targets=["nonexistent_proj"])
-    model = StudentModel(StudentConfig(vision_blocks=4, frozen_blocks=2, grid=2, vocab_map=list(range(9)),
-                                       decoder=decoder_config_dict("llama", 10, 16, 1, 2, 32, 64, 9, 9)))
+    model = StudentModel(StudentModelConfig(vision_blocks=4, frozen_blocks=2, grid=2, vocab_map=list(range(9)),
+                                            decoder=decoder_config_dict("llama", 10, 16, 1, 2, 32, 64, 9, 9)))
     with pytest.raises(StageError, match="student.lora.targets"):
-        apply_lora(p, model)
+        apply_lora(p.student, model)
 
 
 # --------------------------------------------------------------------------------------------------- ONNX
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_onnx_export_answers_like_pytorch(arch, tiny_params, base_lm_dir, tiny_teacher, tiny_manifest, tiny_labels,
                                           tiny_students, tmp_path):
-    from tasks import sft
-    from tasks.export import OrtStudent, export, pixels
-    from tasks.student import Student
+    from edgeqa.student.export import export
+    from edgeqa.student.model import Student
+    from edgeqa_runtime.preprocess import pixels
+    from edgeqa_runtime.session import OrtStudent
 
     if arch == "llama":
         folder = tiny_students["distill"]
     else:
         folder = tmp_path / "gpt2"
-        sft.run(override(tiny_params, student__decoder__arch="gpt2", sft__steps=4), "sft", base_lm_dir,
+        run_sft(override(tiny_params, student__decoder__arch="gpt2", sft__steps=4), "sft", base_lm_dir,
                 tiny_teacher["dir"], tiny_manifest, tiny_labels, tiny_students["features"], folder)
     info = export(folder, tmp_path / "onnx")
     import subprocess
     import sys
 
-    probe = ("import sys; from pathlib import Path; from tasks.export import OrtStudent, pixels; "
+    probe = ("import sys; from pathlib import Path; from edgeqa_runtime.session import OrtStudent; "
              f"s = OrtStudent(Path({str(tmp_path / 'onnx')!r})); "
              f"s.predict_paths([{str(_split(tiny_manifest, 'test').path.iloc[0])!r}], 4); "
              "print('torch' in sys.modules)")
@@ -226,14 +226,21 @@ def test_onnx_export_answers_like_pytorch(arch, tiny_params, base_lm_dir, tiny_t
     assert {"vision.onnx", "decoder.onnx", "embeddings.safetensors", "runtime.json"} <= set(info["files"])
     ort_student, torch_student = OrtStudent(tmp_path / "onnx"), Student(folder)
     paths = list(_split(tiny_manifest, "test").path[:4])
-    want = torch_student.predict_paths(paths, 8, 1)
-    got = ort_student.predict_paths(paths, 8)
-    for w, g in zip(want, got):
-        assert g["answer"] == w["answer"], "onnxruntime gives the same answer as PyTorch"
-        assert g["p_defective"] == pytest.approx(w["p_defective"], abs=1e-4)
-        assert g["type_probs"] == pytest.approx(w["type_probs"], abs=1e-4)
-        assert g["location_probs"] == pytest.approx(w["location_probs"], abs=1e-4)
-        assert g["generated_tokens"] == w["generated_tokens"]
+    for top_k, strict in ((1, False), (3, True)):  # every argument of the Answerer interface is honoured
+        want = torch_student.predict_paths(paths, 8, top_k, strict)
+        got = ort_student.predict_paths(paths, 8, top_k=top_k, strict=strict)
+        for w, g in zip(want, got):
+            assert g["answer"] == w["answer"], "onnxruntime gives the same answer as PyTorch"
+            assert g["p_defective"] == pytest.approx(w["p_defective"], abs=1e-4)
+            assert g["type_probs"] == pytest.approx(w["type_probs"], abs=1e-4)
+            assert g["location_probs"] == pytest.approx(w["location_probs"], abs=1e-4)
+            assert g["generated_tokens"] == w["generated_tokens"]
+            if strict:
+                assert g["generated_tokens"] >= 3, "strict: no stop before three reason tokens"
+            assert [t["position"] for t in g["soft_targets"]] == [t["position"] for t in w["soft_targets"]]
+            for tg, tw in zip(g["soft_targets"], w["soft_targets"]):
+                assert len(tg["ids"]) == top_k and tg["ids"] == tw["ids"]
+                assert tg["logprobs"] == pytest.approx(tw["logprobs"], abs=1e-3)
     # the decoder graph with a KV cache equals the PyTorch decoder on the same inputs
     import onnxruntime as ort
 
@@ -265,8 +272,8 @@ def trained(tiny_params, base_lm_dir, tiny_teacher, tiny_manifest, tiny_labels, 
 
 
 def test_distilled_student_agrees_with_the_teacher_more_than_the_baseline(trained, tiny_teacher, tiny_manifest):
-    from tasks.student import Student
-    from tasks.teacher import LocalTeacher
+    from edgeqa.student.model import Student
+    from edgeqa.teacher.local import LocalTeacher
 
     p, out = trained
     rows = _split(tiny_manifest, "val")
@@ -285,7 +292,7 @@ def test_distilled_student_agrees_with_the_teacher_more_than_the_baseline(traine
 def test_a_flip_or_a_small_brightness_change_keeps_the_verdict_of_a_good_image(trained, tiny_manifest, tmp_path):
     from PIL import Image, ImageEnhance
 
-    from tasks.student import Student
+    from edgeqa.student.model import Student
 
     _, out = trained
     st = Student(out["distill"])
@@ -314,8 +321,8 @@ def test_a_flip_or_a_small_brightness_change_keeps_the_verdict_of_a_good_image(t
 def test_pasting_a_synthetic_defect_raises_p_defective(trained, tiny_manifest, tmp_path):
     from PIL import Image
 
-    from tasks.paste import paste_one
-    from tasks.student import Student
+    from edgeqa.data.paste import paste_one
+    from edgeqa.student.model import Student
 
     p, out = trained
     st = Student(out["distill"])
@@ -325,7 +332,8 @@ def test_pasting_a_synthetic_defect_raises_p_defective(trained, tiny_manifest, t
     for i, path in enumerate(goods):
         with Image.open(path) as im:
             base = np.asarray(im.convert("RGB"))
-        img, mask = paste_one(base, ["crack", "hole", "stain"][i % 3], rng, override(p, synth__contrast=[0.4, 0.6]))
+        img, mask = paste_one(base, ["crack", "hole", "stain"][i % 3], rng,
+                              override(p, sft__paste__contrast=[0.4, 0.6]).sft.paste)
         assert mask.any()
         f = tmp_path / f"{i}.png"
         Image.fromarray(img).save(f)

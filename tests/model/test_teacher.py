@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import torch
 
-from tasks.answer import AnswerSchema
-from tasks.teacher import LocalTeacher, TeacherMeta
-from tasks.vlm import Projector
+from edgeqa.teacher.local import LocalTeacher, TeacherMeta
+from edgeqa.vlm.model import Projector
+from edgeqa_runtime.schema import AnswerSchema
 
 from ..conftest import REPO
 
@@ -79,7 +79,7 @@ PINNED_KERNELS = {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX
 
 
 def test_label_resumes_after_sigkill(tiny_teacher, tiny_manifest, tmp_path):
-    from tasks import profiles
+    from edgeqa.config import profiles
 
     params_file = tmp_path / "params.yaml"
     shutil.copy(REPO / "params.yaml", params_file)
@@ -119,12 +119,12 @@ def test_label_resumes_after_sigkill(tiny_teacher, tiny_manifest, tmp_path):
 
 
 def test_evaluate_stage_on_the_test_split(tiny_teacher, tiny_manifest, tiny_params, tmp_path):
-    from tasks import evaluate
-    from tasks.evaluate import compute
+    from edgeqa.evaluation import evaluate
+    from edgeqa.evaluation.evaluate import compute
 
     out = tmp_path / "eval"
-    res = evaluate.run(tiny_params, "teacher", tiny_teacher["dir"], tiny_manifest, out, tmp_path / "m.json",
-                       tmp_path / "report.md")
+    res = evaluate.run(tiny_params.evaluate, list(tiny_params.ingest.mask_facts.size_classes), "teacher",
+                       tiny_teacher["dir"], tiny_manifest, out, tmp_path / "m.json", tmp_path / "report.md")
     df = pd.read_parquet(tiny_manifest)
     rows = df[df.split == "test"].reset_index(drop=True)
     preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
@@ -148,7 +148,7 @@ def test_evaluate_stage_on_the_test_split(tiny_teacher, tiny_manifest, tiny_para
 
 
 def test_verdict_and_type_in_one_pass_equal_the_separate_passes(tiny_teacher, tiny_manifest):
-    from tasks.vision import image_features
+    from edgeqa.vlm.vision import image_features
 
     t = LocalTeacher(tiny_teacher["dir"])
     df = pd.read_parquet(tiny_manifest).head(5)

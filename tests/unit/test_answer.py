@@ -1,8 +1,9 @@
 import pandas as pd
 import pytest
 
-from tasks.answer import PROMPT, Answer, AnswerParseError, AnswerSchema, reference_answer
-from tasks.config import GRID_WORDS
+from edgeqa.config import GRID_WORDS
+from edgeqa.data.manifest import reference_answer
+from edgeqa_runtime.schema import PROMPT, Answer, AnswerParseError, AnswerSchema
 
 SCHEMA = AnswerSchema.for_dataset(["crack", "scratch", "broken_large"], has_masks=True)
 

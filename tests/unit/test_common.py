@@ -1,7 +1,8 @@
 import pytest
 
-from tasks import benchrec
-from tasks.common import atomic_dir, atomic_write_text, md_table
+from edgeqa import benchrec
+from edgeqa.io import atomic_dir, atomic_write_text
+from edgeqa.report import md_table
 
 
 def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):

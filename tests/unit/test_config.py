@@ -1,10 +1,11 @@
+import os
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from tasks.config import ParamsError, load_params, parse_params
+from edgeqa.config import ParamsError, load_params, parse_params
 
 from ..conftest import REPO
 
@@ -43,7 +44,10 @@ def test_unknown_key_is_rejected_with_its_dotted_name():
     (("sft", "min_teacher_confidence"), 0.3, r"sft\.min_teacher_confidence: .*greater than or equal to 0\.5"),
     (("sft", "paste", "renderers"), [["crack", "laser"]], r"sft\.paste\.renderers\[0\]\[1\]: .*'crack'"),
     (("distill", "top_k"), 50, r"distill\.top_k \(50\) must be <= teacher\.top_k"),
-    (("evaluate", "models"), {"distill": {"dir": "models/x"}}, r"evaluate\.models\.distill\.dir .*paths\.distill_dir"),
+    (("evaluate", "models"), ["teacher", "Distill"], r"evaluate\.models: .*'Distill'.*lower-case"),
+    (("evaluate", "models"), ["teacher", "sft", "sft"], r"evaluate\.models: .*unique"),
+    (("distill", "weights"), {"human": 1.0, "teacher": -1.0}, r"distill\.weights: .*w >= 0"),
+    (("sft", "paste", "contrast"), [0.5, 0.1], r"sft\.paste\.contrast: .*low < high"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(path, value, expect):
     raw = _raw()
@@ -70,12 +74,15 @@ def test_missing_section_and_bad_file(tmp_path):
 
 def test_no_work_at_import_time(tmp_path):
     """Importing every module creates no files, contacts nothing, and does not pull in GX."""
-    code = ("import sys, tasks.config, tasks.common, tasks.synth, tasks.ingest, tasks.validate, tasks.maskfacts, "
-            "tasks.profiles, tasks.benchrec, tasks.answer, tasks.scoring, tasks.convert, tasks.vision, flows.stack, "
-            "flows.cli, flows.worktree; assert 'torch' not in sys.modules, 'torch imported at import time'; "
+    code = ("import sys, edgeqa.config, edgeqa.config.profiles, edgeqa.config.datasets, edgeqa.io, edgeqa.stage, "
+            "edgeqa.data.synth, edgeqa.data.ingest, edgeqa.data.validate, edgeqa.data.maskfacts, edgeqa.benchrec, "
+            "edgeqa.answerer, edgeqa.vlm.scoring, edgeqa.vlm.convert, edgeqa.vlm.vision, edgeqa.stack, edgeqa.cli, "
+            "edgeqa.project, edgeqa_runtime.schema, edgeqa_runtime.preprocess, edgeqa_runtime.session; "
+            "assert 'torch' not in sys.modules, 'torch imported at import time'; "
             "assert 'great_expectations' not in sys.modules, 'GX imported at import time'; "
             "assert 'prefect' not in sys.modules, 'prefect imported by the CLI at import time'")
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stderr
     assert list(tmp_path.iterdir()) == []
 
@@ -87,8 +94,8 @@ def test_no_tool_phones_home():
     cfg = configparser.ConfigParser()
     cfg.read(REPO / ".dvc" / "config")
     assert cfg["core"]["analytics"] == "false" and cfg["core"]["check_update"] == "false"
-    from flows.stack import Stack, StackConfig
+    from edgeqa.stack import Stack, StackConfig
 
-    st = Stack(StackConfig.load(env={}))
+    st = Stack(StackConfig.load(REPO, env={}))
     assert "-master.telemetry=false" in st._weed_cmd()
     assert st.prefect_env()["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"

@@ -1,7 +1,7 @@
 """Mapping a zero-shot model's free answer into the schema (backends hf and openai)."""
 
-from tasks.answer import AnswerSchema
-from tasks.backends import instructions, map_free_answer
+from edgeqa.teacher.backends import instructions, map_free_answer
+from edgeqa_runtime.schema import AnswerSchema
 
 S = AnswerSchema.for_dataset(["crack", "hole", "oil_stain"], has_masks=True)
 

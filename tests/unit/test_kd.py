@@ -1,11 +1,12 @@
-"""The distillation loss and its targets (tasks/kd.py): known values, temperature, masking, vocabulary."""
+"""The distillation loss and its targets (edgeqa.student.kd): known values, temperature, masking, vocabulary,
+and `DistillLoss`, the one object every student stage trains with."""
 
 import math
 
 import pytest
 import torch
 
-from tasks.kd import kd_kl, kd_loss, option_targets, restrict
+from edgeqa.student.kd import DistillLoss, kd_kl, kd_loss, option_targets, restrict
 
 
 def _row(teacher_p, student_logits):
@@ -99,3 +100,47 @@ def test_option_targets_pool_options_sharing_a_first_token():
                               ["upper left", "upper right", "top"], [[7, 1], [7, 2], [9]])
     got = dict(zip(ids, [math.exp(x) for x in lps]))
     assert got == pytest.approx({7: 0.5, 9: 0.5})
+
+
+def _one_token_batch():
+    """Two rows, answers of one token at column 1 (prefix 2: answer token 0 sits at position 2, so its target
+    is predicted by logit column 1); vocabulary of 3."""
+    logits = torch.zeros(2, 3, 3)
+    logits[0, 1] = torch.tensor([0.0, 0.0, 0.0])          # uniform: CE of any target = ln 3
+    logits[1, 1] = torch.tensor([math.log(3.0), 0.0, 0.0])  # p(0) = 3/5
+    targets = torch.full((2, 3), -100)
+    targets[:, 1] = 0
+    weights = torch.zeros(2, 3)
+    weights[0, 1], weights[1, 1] = 1.0, 3.0
+    return logits, targets, weights
+
+
+def test_distill_loss_is_weighted_ce_when_alpha_is_zero():
+    logits, targets, weights = _one_token_batch()
+    # (1 * ln 3 + 3 * -ln(3/5)) / 4 = (1.098612 + 1.532476) / 4 = 0.657772
+    assert DistillLoss()(logits, targets, weights, prefix=2).item() == pytest.approx(0.657772, abs=1e-5)
+    kd = [[(1, [0, 1], [math.log(0.75), math.log(0.25)])], []]
+    assert DistillLoss(alpha=0.0, temperature=2.0)(logits, targets, weights, 2, kd, [1.0, 3.0]).item() == \
+        pytest.approx(0.657772, abs=1e-5), "alpha 0: the KD targets change nothing"
+
+
+def test_distill_loss_mixes_ce_and_kd_at_the_answer_positions():
+    logits, targets, weights = _one_token_batch()
+    # row 0 has a target for answer token 1 (logit column prefix + 1 - 1 = 2): teacher (0.75, 0.25) on ids 0, 1;
+    # the student is uniform there (logits row 0, column 2 are zeros): T=1 KL = 0.536280 (see above).
+    kd = [[(1, [0, 1], [math.log(0.75), math.log(0.25)])], []]
+    got = DistillLoss(alpha=0.25, temperature=1.0)(logits, targets, weights, 2, kd, [1.0, 3.0]).item()
+    assert got == pytest.approx(0.75 * 0.657772 + 0.25 * 0.536280, abs=1e-5)
+    # T = 2 scales the KL by T^2 after softening (1.767224, above)
+    got2 = DistillLoss(alpha=0.5, temperature=2.0)(logits, targets, weights, 2, kd, [1.0, 3.0]).item()
+    assert got2 == pytest.approx(0.5 * 0.657772 + 0.5 * 1.767224, abs=1e-5)
+    ids, lps, mask = DistillLoss.place(kd, (2, 3), prefix=2)
+    assert mask.tolist() == [[False, False, True], [False, False, False]]
+    assert ids[0, 2].tolist() == [0, 1] and lps[1].isinf().all()
+
+
+def test_distill_loss_refuses_bad_settings():
+    with pytest.raises(ValueError, match="alpha"):
+        DistillLoss(alpha=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        DistillLoss(alpha=0.5, temperature=0.0)

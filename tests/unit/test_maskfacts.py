@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from tasks.config import GRID_WORDS
-from tasks.maskfacts import grid_word, mask_facts, reference_reason
+from edgeqa.config import GRID_WORDS
+from edgeqa.data.maskfacts import grid_word, mask_facts, reference_reason
 
 
 @pytest.fixture

@@ -1,11 +1,11 @@
-"""The evaluation metrics (tasks/metrics.py) and the figure computation of the evaluate stage."""
+"""The evaluation metrics (edgeqa.evaluation.metrics) and the figure computation of the evaluate stage."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from tasks import metrics as M
-from tasks.evaluate import compute, render
+from edgeqa.evaluation import metrics as M
+from edgeqa.evaluation.evaluate import compute, render
 
 SIZES = ["tiny", "small", "medium", "large"]
 
@@ -117,7 +117,7 @@ def test_compute_type_location_reason_figures():
     assert m["reason_similarity_defective"] == pytest.approx(0.7) and m["reason_similarity_good"] == pytest.approx(0.6)
     assert m["auroc_lm_alone"] is None and m["parse_rate"] == 1.0
     text = render("m", "test", m)
-    assert "| auroc | 0.750 |" in text and "n/a" in text
+    assert "| auroc | 0.75 |" in text and "n/a" in text
 
 
 def test_compute_without_types_or_masks_reports_na():
@@ -130,7 +130,7 @@ def test_compute_without_types_or_masks_reports_na():
 
 
 def test_compute_refuses_misaligned_predictions():
-    from tasks.common import StageError
+    from edgeqa.errors import StageError
 
     recs = [_rec(s, "good", None, None, "fine", 0.5) for s in ["2", "1", "3", "4"]]
     with pytest.raises(StageError, match="not aligned"):

@@ -3,8 +3,7 @@ import shutil
 import pytest
 import yaml
 
-from tasks import profiles
-from tasks.config import ParamsError, load_params
+from edgeqa.config import ParamsError, load_params, profiles
 
 from ..conftest import REPO
 

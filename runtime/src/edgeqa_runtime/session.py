@@ -1,0 +1,183 @@
+"""The exported student in onnxruntime: numpy, onnxruntime and the `tokenizers` library, no torch.
+
+An export folder (written by `edgeqa.student.export`) holds `vision.onnx` (pixels -> prefix embeddings),
+`decoder.onnx` (embeddings, mask, positions and the per-layer KV cache -> logits and the new cache), the token
+embedding table `embeddings.safetensors`, the teacher tokenizer under `tokenizer/`, and `runtime.json` (layout
+token ids, schema, temperatures, vocabulary map).
+
+`OrtStudent` answers like the PyTorch student (same contexts, first-token and sequence scoring, greedy reason
+with the KV cache) and takes the same arguments as every other answerer: `top_k` soft targets at the verdict and
+at each generated reason position, and `strict` (no stop before a few reason tokens). One image at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeqa_runtime.files import folder_fingerprint
+from edgeqa_runtime.preprocess import pixels
+from edgeqa_runtime.schema import Answer, AnswerSchema
+
+VISION, DECODER, EMBEDDINGS, RUNTIME, TOKENIZER = ("vision.onnx", "decoder.onnx", "embeddings.safetensors",
+                                                   "runtime.json", "tokenizer")
+STRICT_MIN_REASON_TOKENS = 3  # the stricter retry forbids stopping before this many reason tokens
+
+
+class ExportError(RuntimeError):
+    """An export folder that cannot be used; the message names the file."""
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def _topk(position: str, logprobs: np.ndarray, k: int) -> dict[str, Any]:
+    idx = np.argsort(-logprobs, kind="stable")[:k]
+    return {"position": position, "ids": [int(i) for i in idx], "logprobs": [round(float(logprobs[i]), 5) for i in idx]}
+
+
+class OrtStudent:
+    """The exported student in onnxruntime. Answers one image at a time."""
+
+    def __init__(self, folder: Path, threads: int = 2):
+        import onnxruntime as ort
+        from safetensors.numpy import load_file
+        from tokenizers import Tokenizer
+
+        folder = Path(folder)
+        for name in (VISION, DECODER, EMBEDDINGS, RUNTIME, f"{TOKENIZER}/tokenizer.json"):
+            if not (folder / name).is_file():
+                raise ExportError(f"{folder / name} is missing: export the student first (edgeqa.student.export)")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        self.folder = folder
+        self.vision = ort.InferenceSession(str(folder / VISION), so, providers=["CPUExecutionProvider"])
+        self.decoder = ort.InferenceSession(str(folder / DECODER), so, providers=["CPUExecutionProvider"])
+        self.emb = load_file(str(folder / EMBEDDINGS))["embeddings"]
+        self.rt = json.loads((folder / RUNTIME).read_text())
+        self.L = self.rt["layout"]
+        self._schema = AnswerSchema(types=tuple(self.rt["types"]), locations=tuple(self.rt["locations"]))
+        self.base_tok = Tokenizer.from_file(str(folder / TOKENIZER / "tokenizer.json"))
+        self.keep = self.rt["vocab_map"]
+        self.fingerprint = folder_fingerprint(folder)
+
+    # ------------------------------------------------------------------------------------ the answerer API
+    def schema(self) -> AnswerSchema:
+        return self._schema
+
+    def parameters(self) -> int | None:
+        """The student's parameter count, recorded by the export (None for an export that predates it)."""
+        n = self.rt.get("parameters")
+        return None if n is None else int(n)
+
+    def usage(self) -> None:
+        return None
+
+    # ---------------------------------------------------------------------------------------- decoder
+    def _empty_past(self) -> dict[str, np.ndarray]:
+        z = np.zeros((1, self.rt["kv_heads"], 0, self.rt["head_dim"]), np.float32)
+        return {f"past_{k}_{i}": z for i in range(self.rt["layers"]) for k in ("key", "value")}
+
+    def _run(self, embeds: np.ndarray, past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        p = next(iter(past.values())).shape[2]
+        t = embeds.shape[1]
+        feeds = {"inputs_embeds": embeds.astype(np.float32), "attention_mask": np.ones((1, p + t), np.int64),
+                 "position_ids": np.arange(p, p + t, dtype=np.int64)[None], **past}
+        outs = self.decoder.run(None, feeds)
+        names = [o.name for o in self.decoder.get_outputs()]
+        present = {n.replace("present_", "past_"): v for n, v in zip(names[1:], outs[1:])}
+        return outs[0], present
+
+    def _ids(self, ids: list[int]) -> np.ndarray:
+        return self.emb[np.asarray(ids, np.int64)][None]
+
+    def _option_logprobs(self, ctx_logits: np.ndarray, past: dict[str, np.ndarray], options: list[list[int]]
+                         ) -> np.ndarray:
+        """Options scored after a context: first token when the first tokens are distinct, else whole sequences
+        (each continuation run on the context's cache). Normalised over the options."""
+        first = _log_softmax(ctx_logits)
+        if len({o[0] for o in options}) == len(options):
+            s = np.array([first[o[0]] for o in options])
+        else:
+            s = []
+            for o in options:
+                total = first[o[0]]
+                if len(o) > 1:
+                    lg, _ = self._run(self._ids(o[:-1]), past)
+                    lp = _log_softmax(lg[0])
+                    total += sum(lp[k, o[k + 1]] for k in range(len(o) - 1))
+                s.append(total)
+            s = np.array(s)
+        return _log_softmax(s)
+
+    # ---------------------------------------------------------------------------------------- answers
+    def answer(self, pixels: np.ndarray, max_reason_tokens: int, top_k: int = 1, strict: bool = False
+               ) -> dict[str, Any]:
+        """One image (1, 3, S, S), as `edgeqa_runtime.preprocess.pixels` makes it -> the answer and its scores."""
+        L, schema = self.L, self._schema
+        img = self.vision.run(None, {"pixels": pixels.astype(np.float32)})[0]
+        prefix = np.concatenate([self._ids(L["pre"]), img, self._ids(L["post"])], 1)
+        tail_v = L["field_ids"]["verdict"]
+        logits, past = self._run(np.concatenate([prefix, self._ids(tail_v)], 1), self._empty_past())
+        soft = [_topk("verdict", _log_softmax(logits[0, -1]), top_k)]
+        v = self._option_logprobs(logits[0, -1], past, L["options"]["verdict"])
+        d = float(v[1] - v[0])
+        p_def = float(1 / (1 + np.exp(-d / self.rt["verdict_temperature"])))
+        verdict = "defective" if p_def >= 0.5 else "good"
+        opts = schema.options()
+
+        def opt(f: str, value: str | None) -> list[int]:
+            return L["options"][f][opts[f].index(value or "none")]
+
+        types = list(schema.types)
+        type_pick, type_probs = None, {}
+        tail_t = tail_v + opt("verdict", "defective") + L["field_ids"]["type"]
+        if types:
+            lg, pst = self._run(self._ids(tail_t[len(tail_v):]), past)
+            tl = self._option_logprobs(lg[0, -1], pst, L["options"]["type"][:len(types)])
+            z = tl / self.rt["type_temperature"]
+            tp = np.exp(_log_softmax(z))
+            type_probs = {t: float(x) for t, x in zip(types, tp)}
+            type_pick = types[int(tp.argmax())]
+        loc, loc_probs = None, {}
+        if schema.locations:
+            tail_l = tail_t + opt("type", type_pick) + L["field_ids"]["location"]
+            lg, pst = self._run(np.concatenate([prefix, self._ids(tail_l)], 1), self._empty_past())
+            ll = self._option_logprobs(lg[0, -1], pst, L["options"]["location"])
+            loc_probs = {o: float(x) for o, x in zip(opts["location"], np.exp(ll))}
+            loc = schema.locations[int(ll[:len(schema.locations)].argmax())]
+        t_ans, l_ans = (None, None) if verdict == "good" else (type_pick, loc)
+        tail_r = (tail_v + opt("verdict", verdict) + L["field_ids"]["type"] + opt("type", t_ans)
+                  + L["field_ids"]["location"] + opt("location", l_ans) + L["field_ids"]["reason"])
+        logits, past = self._run(np.concatenate([prefix, self._ids(tail_r)], 1), self._empty_past())
+        gen: list[int] = []
+        stops = list(L["stops"])
+        min_tokens = min(STRICT_MIN_REASON_TOKENS, max_reason_tokens) if strict else 0
+        for step in range(max_reason_tokens):
+            scores = logits[0, -1].astype(np.float64)
+            if step < min_tokens:  # as transformers' min_new_tokens: the stop tokens cannot win yet
+                scores = scores.copy()
+                scores[stops] = -np.inf
+            nxt = int(scores.argmax())
+            if nxt in stops:
+                break
+            soft.append(_topk(f"reason:{step}", _log_softmax(scores), top_k))
+            gen.append(nxt)
+            logits, past = self._run(self._ids([nxt]), past)
+        pruned = len(self.keep)
+        reason = self.base_tok.decode([self.keep[i] for i in gen if i != pruned], skip_special_tokens=True).strip()
+        a = Answer(verdict, t_ans, l_ans, reason)
+        return {"answer": asdict(a), "p_defective": p_def, "p_defective_lm": None, "type_probs": type_probs,
+                "location_probs": loc_probs, "soft_targets": soft, "generated_tokens": len(gen),
+                "anomaly_score": None}
+
+    def predict_paths(self, paths: Sequence[str], max_reason_tokens: int, top_k: int = 1, strict: bool = False
+                      ) -> list[dict[str, Any]]:
+        return [self.answer(pixels([p], self.rt["image_size"]), max_reason_tokens, top_k, strict) for p in paths]

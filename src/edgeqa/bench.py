@@ -1,0 +1,221 @@
+"""`make bench`: measure the stack and the data stages; write reports/bench/infra.json (shared record format).
+
+It never retrains: it times what exists. The stack measured is a temporary one on free loopback ports,
+so a running `edgeqa up` is untouched. Ratios are measured within one run, on the same machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from edgeqa import benchrec
+from edgeqa.config import load_params
+from edgeqa.project import copy_worktree, load_project_module
+from edgeqa.stack import PORT_KEYS, Stack, StackConfig, free_ports
+
+
+def _timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> float:
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed in {cwd}:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    return time.perf_counter() - t0
+
+
+def main(root: Path) -> int:
+    """Benchmark the project at `root`."""
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+    params = load_params(root / "params.yaml")
+    out = root / params.paths.bench_dir / "infra.json"
+    recs = []
+    with tempfile.TemporaryDirectory(prefix="edgeqa-bench-") as tmp:
+        tmpd = Path(tmp)
+        base = StackConfig.load(root)
+        cfg = StackConfig(state_dir=tmpd / "stack", ports=dict(zip(PORT_KEYS, free_ports(len(PORT_KEYS)))),
+                          buckets=base.buckets, prefect_block=base.prefect_block)
+        stack = Stack(cfg)
+        try:
+            t0 = time.perf_counter()
+            stack.up()
+            first = time.perf_counter() - t0
+            stack.down()
+            t0 = time.perf_counter()
+            stack.up()
+            cold = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            stack.up()
+            warm = time.perf_counter() - t0
+            recs += [
+                benchrec.record("infra:up_cold_s", cold, "s", "<= 10 s",
+                                "edgeqa up (services stopped, state kept: the everyday cold start)"),
+                benchrec.record("infra:up_first_s", first, "s", "<= 10 s",
+                                "edgeqa up on an empty state dir (creates the Prefect DB, credentials, buckets)"),
+                benchrec.record("infra:up_running_s", warm, "s", None, "edgeqa up when already running"),
+            ]
+            print(f"up: first {first:.1f} s, cold {cold:.1f} s, running {warm:.2f} s")
+
+            # ingest + validate of the real magnetic-tile set, as the stages run (subprocesses, GX import included)
+            from edgeqa.config import profiles
+            from edgeqa.config.datasets import dataset_path
+
+            if dataset_path("mtile", root).is_dir():
+                pfile = tmpd / "params-mtile.yaml"
+                shutil.copy(root / "params.yaml", pfile)
+                profiles.apply("mtile", pfile, root)
+                mt = load_params(pfile)
+                ing = tmpd / "mt-ingest"
+                t_ing = _timed([sys.executable, "-m", "tasks.ingest", "--params", str(pfile), "--out", str(ing)],
+                               root)
+                t_val = _timed([sys.executable, "-m", "tasks.validate", "--params", str(pfile), "--manifest",
+                                str(ing / "manifest.parquet"), "--docs", str(tmpd / "mt-docs")], root)
+                recs.append(benchrec.record("data:mtile_ingest_validate_s", t_ing + t_val, "s", "<= 30 s",
+                                            f"python -m tasks.ingest + tasks.validate on {mt.ingest.root}"))
+                print(f"mtile ingest {t_ing:.1f} s + validate {t_val:.1f} s")
+
+            # bare `dvc repro` vs the Prefect flow over the same (data) stages, each from a clean copy (empty
+            # cache, no outputs). The model stages are left out: `make bench` never retrains.
+            target = "validate"
+            bare_repo = copy_worktree(tmpd / "bare" / "repo", root)
+            bare = _timed(["dvc", "repro", target], bare_repo)
+            noop = min(_timed(["dvc", "repro", target], bare_repo) for _ in range(3))
+            recs.append(benchrec.record("dvc:noop_repro_s", noop, "s", "<= 3 s",
+                                        f"dvc repro {target} (everything up to date)"))
+            flow_repo = copy_worktree(tmpd / "flow" / "repo", root)
+            os.environ["PREFECT_API_URL"] = cfg.prefect_api_url
+            os.environ["PREFECT_HOME"] = str(cfg.path("prefect"))
+            os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+            pipeline = load_project_module(root, "flows.pipeline").pipeline
+
+            flow = pipeline.with_options(result_storage=f"s3-bucket/{cfg.prefect_block}", persist_result=True)
+            t0 = time.perf_counter()
+            state = flow(repo=str(flow_repo), push=False, target=target, return_state=True)
+            flowt = time.perf_counter() - t0
+            if not state.is_completed():
+                raise RuntimeError(f"bench flow run failed: {state.message}")
+            recs += [
+                benchrec.record("flow:bare_dvc_repro_s", bare, "s", None, f"dvc repro {target} from a clean copy"),
+                benchrec.record("flow:prefect_flow_s", flowt, "s", None,
+                                f"edgeqa-pipeline flow, target {target}, no push, from a clean copy"),
+                benchrec.record("flow:overhead_s", flowt - bare, "s", None, "flow wall - bare dvc repro wall"),
+                benchrec.record("flow:overhead_ratio", flowt / bare, "x", "<= 1.1 (from the student issue on)",
+                                "flow wall / bare dvc repro wall, same stages, same run"),
+            ]
+            print(f"bare dvc repro {bare:.1f} s, flow {flowt:.1f} s, ratio {flowt / bare:.2f}, no-op {noop:.2f} s")
+        finally:
+            stack.down()
+    benchrec.write(out, recs)
+    print(f"wrote {out}")
+    teacher_ips = teacher_bench(params, root)
+    student_bench(params, root, teacher_ips)
+    return 0
+
+
+def student_bench(params: Any, root: Path, teacher_ips: float | None) -> None:
+    """reports/bench/student.json: size, answer speed in PyTorch and in onnxruntime (exported here, to a temp
+    folder), both beside the teacher's speed measured in the same `make bench` run, and the training time."""
+    import json
+
+    import pandas as pd
+
+    from edgeqa.student.export import export
+    from edgeqa.student.model import Student, is_student_folder
+    from edgeqa.student.train import teacher_parameters
+    from edgeqa_runtime.session import OrtStudent
+
+    sdir = root / params.paths.model_dir("distill")
+    manifest = root / params.paths.ingest_dir / "manifest.parquet"
+    if not is_student_folder(sdir) or not manifest.exists():
+        print(f"no student at {sdir}: run `make run` first; student benchmark skipped")
+        return
+    out = root / params.paths.bench_dir / "student.json"
+    df = pd.read_parquet(manifest)
+    paths = list(df[df.split == "unlabelled"].path[: 2 * params.label.batch_size])
+    st = Student(sdir, params.student.threads)
+    n_s = st.parameters()
+    n_t = teacher_parameters(root / params.paths.model_dir("teacher"), root / params.paths.base_lm_dir)
+    st.predict_paths(paths[:2], params.teacher.max_reason_tokens, 1)  # warm-up
+    t0 = time.perf_counter()
+    for i in range(0, len(paths), params.label.batch_size):
+        st.predict_paths(paths[i:i + params.label.batch_size], params.teacher.max_reason_tokens, 1)
+    ips = len(paths) / (time.perf_counter() - t0)
+    with tempfile.TemporaryDirectory() as tmp:
+        export(sdir, Path(tmp) / "onnx")
+        ort = OrtStudent(Path(tmp) / "onnx", params.student.threads)
+        ort.predict_paths(paths[:1], params.teacher.max_reason_tokens)
+        t0 = time.perf_counter()
+        ort.predict_paths(paths[:16], params.teacher.max_reason_tokens)
+        ort_ips = 16 / (time.perf_counter() - t0)
+    recs = [benchrec.record("student:parameters", n_s, "count", None, "every parameter in model.safetensors"),
+            benchrec.record("student:teacher_parameters", n_t, "count", None, "the teacher's weight files"),
+            benchrec.record("student:parameter_ratio", n_t / n_s if n_t else None, "x", ">= 30", "teacher / student"),
+            benchrec.record("student:images_per_s", ips, "img/s", None,
+                            f"Student.predict_paths (PyTorch), batch {params.label.batch_size}, {len(paths)} images"),
+            benchrec.record("student:onnxruntime_images_per_s", ort_ips, "img/s", None,
+                            "OrtStudent, one image at a time, 16 images (FP32, before quantization)")]
+    if teacher_ips:
+        recs.append(benchrec.record("student:speedup_over_teacher", ips / teacher_ips, "x", None,
+                                    "student / teacher img/s, both measured in this run"))
+    stage_times = root / params.paths.bench_dir / "pipeline.json"
+    if stage_times.exists():
+        walls = {r["name"]: r["value"] for r in json.loads(stage_times.read_text())["records"]}
+        students = [m for m in params.evaluate.models if m != "teacher"]  # each trained by the stage of its name
+        parts = [walls.get(f"stage:{s}") for s in students]
+        if all(v is not None for v in parts):
+            recs.append(benchrec.record("student:train_stages_s", sum(parts), "s", "<= 120 s (README budget)",
+                                        "baseline + sft + distill stage walls, last edgeqa run"))
+    benchrec.write(out, recs)
+    print(f"student: {n_s:,} parameters ({n_t / n_s if n_t else float('nan'):.1f}x fewer), {ips:.1f} img/s "
+          f"PyTorch, {ort_ips:.1f} img/s onnxruntime; wrote {out}")
+
+
+def teacher_bench(params: Any, root: Path) -> float | None:
+    """reports/bench/teacher.json: labelling throughput of the teacher the pipeline built (never retrains)."""
+    import json
+
+    import pandas as pd
+
+    from edgeqa.teacher.local import LocalTeacher
+
+    tdir = root / params.paths.model_dir("teacher")
+    manifest = root / params.paths.ingest_dir / "manifest.parquet"
+    if not (tdir / "teacher.json").exists() or not manifest.exists():
+        print(f"no teacher at {tdir}: run `make run` first; teacher benchmark skipped")
+        return None
+    out = root / params.paths.bench_dir / "teacher.json"
+    df = pd.read_parquet(manifest)
+    paths = list(df[df.split == "unlabelled"].path[: 2 * params.label.batch_size])
+    t = LocalTeacher(tdir, params.teacher.threads)
+    t.predict_paths(paths[:2], params.teacher.max_reason_tokens, params.teacher.top_k)  # warm-up
+    t0 = time.perf_counter()
+    preds = []
+    for i in range(0, len(paths), params.label.batch_size):
+        preds += t.predict_paths(paths[i:i + params.label.batch_size], params.teacher.max_reason_tokens,
+                                 params.teacher.top_k)
+    dt = time.perf_counter() - t0
+    toks = sum(p["generated_tokens"] for p in preds) / len(preds)
+    recs = [benchrec.record("teacher:label_images_per_s", len(paths) / dt, "img/s", ">= 10 (aim 20)",
+                            f"LocalTeacher.predict_paths, batch {params.label.batch_size}, {len(paths)} images"),
+            benchrec.record("teacher:generated_tokens_per_image", toks, "tokens", None, "same run"),
+            benchrec.record("teacher:parameters", t.parameters(), "count", None,
+                            "every parameter loaded at inference (LM incl. embeddings, projector, Lite0)")]
+    stage_times = root / params.paths.bench_dir / "pipeline.json"
+    if stage_times.exists():
+        budget = {"stage:teacher_sft": "<= 150 s (README budget)", "stage:label": "<= 60 s (README budget)",
+                  "stage:evaluate@teacher": "<= 60 s (README budget: evaluate + gate + release)"}
+        for r in json.loads(stage_times.read_text())["records"]:
+            if r["name"] in budget:
+                recs.append(benchrec.record(f"teacher:{r['name']}_s", r["value"], "s", budget[r["name"]],
+                                            "last edgeqa run (reports/bench/pipeline.json)"))
+    benchrec.write(out, recs)
+    print(f"teacher: {len(paths) / dt:.2f} img/s, {toks:.1f} tokens/image; wrote {out}")
+    return len(paths) / dt
+

@@ -1,0 +1,187 @@
+"""`edgeqa`: the command line. Infrastructure (up/down/status), profiles, the pipeline run and benchmarks.
+
+Every command acts on the project of the current directory (the nearest folder at or above it with dvc.yaml),
+or on `--project DIR`; never on the folder edgeqa was installed from. Prefect is imported only inside the
+commands that need it, after PREFECT_API_URL points at the local server.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edgeqa.project import ProjectError, find_project, load_project_module
+from edgeqa.stack import Stack, StackConfig, StackError
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
+profile_app = typer.Typer(help="Profiles: dotted-key overrides written into params.yaml (as `dvc exp run -S`).",
+                          no_args_is_help=True)
+app.add_typer(profile_app, name="profile")
+console = Console()
+_state: dict[str, Path | None] = {"project": None}
+
+
+@app.callback()
+def _options(project: Annotated[Path | None, typer.Option(
+        "--project", help="the project folder (default: the nearest folder at or above the current one with "
+                          "dvc.yaml)", file_okay=False)] = None) -> None:
+    _state["project"] = project
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    console.print(f"[red]error:[/red] {msg}", markup=True, highlight=False)
+    raise typer.Exit(code)
+
+
+def project_root() -> Path:
+    """The project this invocation acts on."""
+    given = _state["project"]
+    try:
+        if given is not None:
+            root = Path(given).resolve()
+            if not (root / "dvc.yaml").is_file():
+                raise ProjectError(f"--project {given}: no dvc.yaml in {root}; point it at an edgeqa project")
+            return root
+        return find_project()
+    except ProjectError as exc:
+        _fail(str(exc))
+        raise  # unreachable: _fail exits
+
+
+def _stack() -> Stack:
+    try:
+        return Stack(StackConfig.load(project_root()))
+    except StackError as exc:
+        _fail(str(exc))
+        raise
+
+
+def use_stack_env(stack: Stack) -> None:
+    """Point this process's Prefect client and DVC/boto3 at the local stack (before importing prefect)."""
+    os.environ.update({k: v for k, v in stack.prefect_env().items()
+                       if k in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED")})
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+
+@app.command()
+def up() -> None:
+    """Start SeaweedFS (S3) and the Prefect server on 127.0.0.1, create buckets, configure the DVC remote."""
+    stack = _stack()
+    try:
+        status = stack.up()
+        stack.configure_dvc(project_root())
+    except StackError as exc:
+        _fail(str(exc))
+    _print_status(status)
+
+
+@app.command("prepare", hidden=True)
+def prepare() -> None:
+    """Build the schema-only Prefect DB template for this venv (run by `make setup`)."""
+    try:
+        console.print(f"prefect DB template: {Stack.build_prefect_db_template()}")
+    except StackError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def down() -> None:
+    """Stop the local stack and wait for a clean exit. State is kept under the state folder."""
+    _stack().down()
+    console.print("stack stopped")
+
+
+@app.command()
+def status() -> None:
+    """Show whether each service is up and healthy."""
+    _print_status(_stack().status())
+
+
+def _print_status(status: dict[str, str]) -> None:
+    t = Table("service", "state")
+    for k, v in status.items():
+        t.add_row(k, v)
+    console.print(t)
+
+
+@profile_app.command("list")
+def profile_list() -> None:
+    """List the profiles."""
+    from edgeqa.config.profiles import available
+
+    for name in available(project_root()):
+        console.print(name)
+
+
+@profile_app.command("apply")
+def profile_apply(name: str, params: Annotated[Path | None, typer.Option(
+        help="params file (default: the project's params.yaml)")] = None) -> None:
+    """Write profile NAME into params.yaml (DVC's override mechanism), showing what changed."""
+    from edgeqa.config import ParamsError
+    from edgeqa.config.profiles import apply
+
+    root = project_root()
+    target = params if params is not None else root / "params.yaml"
+    try:
+        changes = apply(name, target, root)
+    except ParamsError as exc:
+        _fail(str(exc))
+    if not changes:
+        console.print(f"{target} already holds profile {name}")
+    for k, (old, new) in changes.items():
+        console.print(f"{k}: {old!r} -> {new!r}", highlight=False)
+
+
+@app.command()
+def run(profile: Annotated[str | None, typer.Option(help="apply this profile to params.yaml first")] = None,
+        push: Annotated[bool, typer.Option(help="dvc push the outputs to the S3 remote")] = True,
+        target: Annotated[str | None, typer.Option(help="run only this stage and the stages it needs")] = None,
+        ) -> None:
+    """Bring the stack up if needed and run the project's `edgeqa-pipeline` flow against the local Prefect server."""
+    from edgeqa.config import ParamsError, load_params
+
+    root = project_root()
+    if profile:
+        profile_apply(profile, None)
+    try:
+        params = load_params(root / "params.yaml")
+    except ParamsError as exc:
+        _fail(str(exc))
+    stack = _stack()
+    try:
+        stack.up()
+        stack.configure_dvc(root)
+    except StackError as exc:
+        _fail(str(exc))
+    use_stack_env(stack)
+    pipeline = load_project_module(root, "flows.pipeline").pipeline
+
+    flow = pipeline.with_options(result_storage=f"s3-bucket/{stack.cfg.prefect_block}", persist_result=True)
+    bench = str(Path(params.paths.bench_dir) / "pipeline.json")
+    state = flow(repo=str(root), push=push, bench_file=bench, target=target, return_state=True)
+    run_id = state.state_details.flow_run_id
+    url = f"{stack.cfg.prefect_ui_url}/runs/flow-run/{run_id}"
+    if state.is_completed():
+        console.print(f"[green]pipeline completed[/green]; the run in the Prefect UI: {url}", highlight=False)
+    else:
+        console.print(f"[red]pipeline {state.name}[/red]: {state.message}\nthe run in the Prefect UI: {url}",
+                      highlight=False)
+        raise typer.Exit(1)
+
+
+@app.command()
+def bench() -> None:
+    """Measure what the pipeline built and the stack's overheads; write reports/bench/*.json."""
+    from edgeqa.bench import main as bench_main
+
+    raise typer.Exit(bench_main(project_root()))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,432 @@
+"""Typed params: `params.yaml` is loaded once into pydantic models, one per stage section.
+
+Unknown keys and bad values are rejected with the key's dotted name and what is allowed.
+Nothing happens at import time. With EDGEQA_TRACE_PARAMS=DIR set, every field a process reads is recorded
+(see `edgeqa.config.trace`), so a test can check that each stage reads only the params dvc.yaml declares.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edgeqa.config import trace
+from edgeqa_runtime.schema import GRID_WORDS
+
+__all__ = ["GRID_WORDS", "SPLITS"]  # re-exported: the location words belong to the answer schema
+SPLITS = ("labelled", "unlabelled", "val", "test")
+
+
+class ParamsError(ValueError):
+    """A params file that cannot be used; the message names the dotted key and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def __getattribute__(self, name: str) -> Any:
+        if trace.active() and not name.startswith("_") and name in type(self).model_fields:
+            trace.read(self, name)
+        return super().__getattribute__(name)
+
+    def model_dump(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if trace.active():
+            trace.read(self, None)  # the whole section is read
+        return super().model_dump(*args, **kwargs)
+
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+def _ordered_pair(v: tuple[float, float]) -> tuple[float, float]:
+    if not v[0] < v[1]:
+        raise ValueError(f"must be [low, high] with low < high, got {list(v)}")
+    return v
+
+
+class PathsConfig(_Section):
+    """Every stage path. dvc.yaml templates its deps/outs from here, so code and DAG cannot drift."""
+
+    synth_dir: str
+    ingest_dir: str
+    reports_dir: str
+    bench_dir: str
+    base_lm_dir: str
+    models_dir: str  # each model the pipeline trains lives in <models_dir>/<name> (teacher, baseline, ...)
+    labels_dir: str
+    student_features_dir: str
+
+    def model_dir(self, name: str) -> str:
+        """The folder of model `name` (a name in evaluate.models, or teacher)."""
+        return f"{self.models_dir}/{name}"
+
+
+class SynthCategory(_Section):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    kind: Literal["object", "texture"]
+    defect_types: list[str] = Field(min_length=3)
+
+    @field_validator("defect_types")
+    @classmethod
+    def _known_types(cls, v: list[str]) -> list[str]:
+        allowed = {"crack", "scratch", "contamination", "broken", "stain", "hole"}
+        bad = sorted(set(v) - allowed)
+        if bad:
+            raise ValueError(f"unknown synthetic defect type(s) {bad}; allowed: {sorted(allowed)}")
+        if len(set(v)) != len(v):
+            raise ValueError("defect types must be unique")
+        return v
+
+
+class SynthConfig(_Section):
+    seed: int = Field(ge=0)
+    image_size: int = Field(ge=64, le=1024)
+    categories: list[SynthCategory] = Field(min_length=1)
+    good_per_category: int = Field(ge=4)
+    defective_per_type: int = Field(ge=4)
+    defect_scale: tuple[Fraction, Fraction]
+    contrast: tuple[Fraction, Fraction]
+    speck_rate: float = Field(ge=0.0, le=20.0)
+    lighting_gradient: Fraction
+    max_shift: Fraction
+    noise_sigma: Fraction
+    workers: int = Field(ge=1, le=64)
+
+    @field_validator("defect_scale", "contrast")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        return _ordered_pair(v)
+
+
+class MaskFactsConfig(_Section):
+    """Thresholds that turn a mask into words (size class, shape, polarity)."""
+
+    size_classes: dict[str, Fraction] = Field(min_length=2)
+    elongated_ratio: float = Field(gt=1.0)
+    polarity_min_delta: float = Field(ge=0.0, le=255.0)
+
+    @field_validator("size_classes")
+    @classmethod
+    def _increasing(cls, v: dict[str, float]) -> dict[str, float]:
+        vals = list(v.values())
+        if vals != sorted(vals) or len(set(vals)) != len(vals):
+            raise ValueError("upper bounds must increase strictly, e.g. {tiny: 0.002, small: 0.01, large: 1.0}")
+        if vals[-1] != 1.0:
+            raise ValueError("the last size class must have upper bound 1.0 so every mask gets a class")
+        return v
+
+
+class IngestConfig(_Section):
+    adapter: Literal["mvtec", "magnetic_tile", "folder"]
+    root: str
+    dataset: str = Field(pattern=r"^[a-z][a-z0-9_-]*$")
+    defect_types: list[str] | None = None
+    good_class: str = "good"
+    category: str | None = None
+    mask_dir: str | None = None
+    mask_suffix: str = ""
+    image_exts: list[str] = Field(min_length=1)
+    allowed_modes: list[str] = Field(min_length=1)
+    min_side: int = Field(ge=8)
+    max_side: int = Field(le=20000)
+    splits: dict[str, Fraction]
+    split_seed: str = ""
+    empty_masks: Literal["error", "allow"]
+    mask_facts: MaskFactsConfig
+
+    @field_validator("splits")
+    @classmethod
+    def _splits(cls, v: dict[str, float]) -> dict[str, float]:
+        if set(v) != set(SPLITS):
+            raise ValueError(f"must have exactly the keys {list(SPLITS)}, got {sorted(v)}")
+        if abs(sum(v.values()) - 1.0) > 1e-6:
+            raise ValueError(f"fractions must sum to 1.0, got {sum(v.values()):.4f}")
+        return {k: v[k] for k in SPLITS}
+
+    @field_validator("image_exts")
+    @classmethod
+    def _exts(cls, v: list[str]) -> list[str]:
+        for e in v:
+            if not e.startswith("."):
+                raise ValueError(f"extensions start with a dot, like '.png'; got {e!r}")
+        return [e.lower() for e in v]
+
+    @model_validator(mode="after")
+    def _sides(self) -> IngestConfig:
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side ({self.min_side}) must be <= max_side ({self.max_side})")
+        return self
+
+
+class ValidateConfig(_Section):
+    min_per_class_split: int = Field(ge=1)
+    split_tolerance: Fraction
+    max_failed_rows_shown: int = Field(ge=1, le=1000)
+
+
+class BaseLMConfig(_Section):
+    """The teacher's language model, as shipped in a Python package (offline)."""
+
+    package: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    gguf_file: str = Field(pattern=r"\.gguf$")
+    probe_text: str = Field(min_length=1)
+
+
+class HFBackendConfig(_Section):
+    """Backend `hf`: a local Hugging Face VLM folder (BLIP-2, or any AutoModelForImageTextToText), zero-shot."""
+
+    path: str | None  # the model folder (save_pretrained layout); required when backend is hf
+    max_new_tokens: int = Field(ge=1, le=512)
+
+
+class OpenAIBackendConfig(_Section):
+    """Backend `openai`: an OpenAI-compatible chat-completions endpoint."""
+
+    base_url: str = Field(pattern=r"^https?://")
+    model: str = Field(min_length=1)
+    api_key_env: str = Field(pattern=r"^[A-Z_][A-Z0-9_]*$")  # the NAME of the variable; the key never goes here
+    timeout_s: float = Field(gt=0, le=600)
+    max_retries: int = Field(ge=0, le=20)
+    concurrency: int = Field(ge=1, le=64)
+    structured_output: bool
+    max_new_tokens: int = Field(ge=1, le=4096)
+    price_in_per_mtok: float = Field(ge=0)  # USD per million prompt tokens, for cost accounting
+    price_out_per_mtok: float = Field(ge=0)
+
+
+class TeacherConfig(_Section):
+    """The teacher. `local` (default): frozen Lite0 features -> projector -> SmolLM2 with LoRA, SFT on the
+    labelled split. `hf` and `openai`: zero-shot backends (edgeqa.teacher.backends)."""
+
+    backend: Literal["local", "hf", "openai"]
+    hf: HFBackendConfig
+    openai: OpenAIBackendConfig
+    seed: int = Field(ge=0)
+    image_size: int = Field(ge=64, le=1024)
+    grid: int = Field(ge=1, le=8)
+    projector_hidden: int = Field(ge=16)
+    lora_r: int = Field(ge=1, le=256)
+    lora_alpha: int = Field(ge=1)
+    lora_targets: list[str] = Field(min_length=1)
+    epochs: int = Field(ge=1, le=100)
+    batch_size: int = Field(ge=1, le=256)
+    lr_projector: float = Field(gt=0, le=1)
+    lr_lora: float = Field(gt=0, le=1)
+    key_token_weight: float = Field(ge=1.0, le=100.0)
+    patience: int = Field(ge=1)
+    anomaly: bool
+    max_reason_tokens: int = Field(ge=1, le=256)
+    top_k: int = Field(ge=1, le=100)
+    threads: int = Field(ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _hf_path(self) -> TeacherConfig:
+        if self.backend == "hf" and not self.hf.path:
+            raise ValueError("teacher.hf.path must name a Hugging Face VLM folder when teacher.backend is hf")
+        return self
+
+
+class DecoderConfig(_Section):
+    """The student's causal decoder: `llama` (nn.Linear blocks, prunable; the default) or `gpt2` (Conv1D)."""
+
+    arch: Literal["llama", "gpt2"]
+    hidden: int = Field(ge=16, le=4096)
+    layers: int = Field(ge=1, le=48)
+    heads: int = Field(ge=1, le=64)
+    intermediate: int = Field(ge=16, le=16384)
+    max_positions: int = Field(ge=64, le=4096)
+
+    @model_validator(mode="after")
+    def _heads(self) -> DecoderConfig:
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+        return self
+
+
+class LoraSettings(_Section):
+    r: int = Field(ge=1, le=256)
+    alpha: int = Field(ge=1)
+    targets: list[str] = Field(min_length=1)  # decoder module names (q_proj, ..., or c_attn, ... for gpt2)
+    vision: bool  # also LoRA on the trainable trunk blocks' 1x1 convolutions
+
+
+class StudentConfig(_Section):
+    """The student architecture and what every student stage shares (edgeqa.student)."""
+
+    seed: int = Field(ge=0)
+    image_size: int = Field(ge=64, le=1024)
+    vision_blocks: int = Field(ge=1, le=16)  # Lite0 stem + blocks 0..vision_blocks-1
+    frozen_blocks: int = Field(ge=0, le=16)  # the first ones stay frozen (their output is cached in training)
+    grid: int = Field(ge=1, le=14)
+    projector_hidden: int = Field(ge=16)
+    augment_flip: bool  # mirrored copies of human-labelled images in training (location words swapped)
+    decoder: DecoderConfig
+    embed_init: Literal["teacher_pca", "random"]
+    vocab_soft_min_prob: Fraction  # teacher soft-target tokens at least this likely join the pruned vocabulary
+    min_param_ratio: float = Field(ge=1.0)  # the student must be this many times smaller than the teacher
+    lora: LoraSettings
+    batch_size: int = Field(ge=1, le=512)
+    key_token_weight: float = Field(ge=1.0, le=100.0)
+    eval_every: int = Field(ge=1)  # optimizer steps between val evaluations (early stopping, curves)
+    patience: int = Field(ge=1)  # evaluations without val-loss improvement before stopping
+    threads: int = Field(ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _blocks(self) -> StudentConfig:
+        if self.frozen_blocks > self.vision_blocks:
+            raise ValueError(f"frozen_blocks ({self.frozen_blocks}) must be <= vision_blocks ({self.vision_blocks})")
+        return self
+
+
+class PasteConfig(_Section):
+    """Synthetic defects pasted onto real good training images, to enlarge rare defect types. They are drawn
+    by the synthetic generator's renderers, with this section's own size and contrast ranges."""
+
+    enabled: bool
+    per_type: int = Field(ge=0, le=10_000)  # pasted images per listed type
+    # [dataset type, generator shape] pairs (a list, so profiles and `dvc exp run -S` can set it whole)
+    renderers: list[tuple[str, Literal["crack", "scratch", "contamination", "broken", "stain", "hole"]]]
+    seed: int = Field(ge=0)
+    defect_scale: tuple[Fraction, Fraction]  # defect extent as a fraction of the image side
+    contrast: tuple[Fraction, Fraction]  # intensity change as a fraction of 255
+
+    @field_validator("defect_scale", "contrast")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        return _ordered_pair(v)
+
+
+class StudentStageConfig(_Section):
+    """What every student training stage sets: fine-tuning mode, a step budget, learning rates and the weight of
+    each example source (human reference answers, the teacher's answers)."""
+
+    finetune: Literal["full", "lora"]  # full | lora (LoRA merged into the saved model)
+    steps: int = Field(ge=1)  # optimizer steps
+    lr: float = Field(gt=0, le=1)
+    lr_vision: float = Field(ge=0, le=1)  # the trainable trunk blocks (0: they stay frozen)
+    weights: dict[Literal["human", "teacher"], float]
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
+        if set(v) != {"human", "teacher"} or any(w < 0 for w in v.values()):
+            raise ValueError("needs exactly {human: w, teacher: w} with w >= 0")
+        return v
+
+
+class SFTConfig(StudentStageConfig):
+    """Stages `baseline` (human labels only: the teacher's weight is 0) and `sft` (human + teacher labels)."""
+
+    min_teacher_confidence: Annotated[float, Field(ge=0.5, le=1.0)]  # max(P, 1-P) of the teacher's verdict
+    paste: PasteConfig
+
+
+class DistillConfig(StudentStageConfig):
+    """Stage `distill`: alpha * T^2 * KL(teacher || student) + (1 - alpha) * CE, from the sft model."""
+
+    alpha: Fraction
+    temperature: float = Field(gt=0, le=20)
+    top_k: int = Field(ge=1, le=100)  # <= teacher.top_k (what label stored)
+
+
+class LabelConfig(_Section):
+    pools: list[Literal["labelled", "unlabelled"]] = Field(min_length=1)
+    batch_size: int = Field(ge=1, le=256)
+
+
+class EvaluateConfig(_Section):
+    """Stage `evaluate`, a dvc.yaml foreach over `models`: THE model list. Model `name` lives in
+    <paths.models_dir>/<name>; retention reads the rows in this order (teacher and baseline are required)."""
+
+    models: list[str] = Field(min_length=1)
+    split: Literal["test", "val"]
+    batch_size: int = Field(ge=1, le=256)
+    max_reason_tokens: int = Field(ge=1, le=256)  # the cap on each generated reason
+    threads: int = Field(ge=1, le=64)
+    bootstrap: int = Field(ge=0, le=100_000)  # paired bootstrap resamples for delta-AUROC intervals
+    seed: int = Field(ge=0)
+    reason_similarity: bool  # all-MiniLM-L6-v2 similarity of each reason to its reference
+
+    @field_validator("models")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+                raise ValueError(f"model name {name!r}: use lower-case letters, digits and _ (it names a folder)")
+        if len(set(v)) != len(v):
+            raise ValueError(f"model names must be unique, got {v}")
+        return v
+
+
+class Params(_Section):
+    paths: PathsConfig
+    base_lm: BaseLMConfig
+    teacher: TeacherConfig
+    label: LabelConfig
+    synth: SynthConfig
+    ingest: IngestConfig
+    validate_: ValidateConfig = Field(alias="validate")
+    evaluate: EvaluateConfig
+    student: StudentConfig
+    sft: SFTConfig
+    distill: DistillConfig
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Params:
+        if self.distill.top_k > self.teacher.top_k:
+            raise ValueError(f"distill.top_k ({self.distill.top_k}) must be <= teacher.top_k ({self.teacher.top_k}), "
+                             "the number of soft targets label stores")
+        return self
+
+    @property
+    def validate_cfg(self) -> ValidateConfig:
+        return self.validate_
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def parse_params(data: object, source: str = "params.yaml") -> Params:
+    """Validate a params mapping; raise ParamsError naming every bad key and what is allowed."""
+    if not isinstance(data, dict):
+        raise ParamsError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = _dotted(err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (not in the params schema; check the spelling)"
+            got = err.get("input")
+            hide = err["type"] in ("missing", "extra_forbidden") or isinstance(got, dict)
+            shown = "" if hide else f" (got {got!r})"
+            lines.append(f"  {key}: {msg}{shown}")
+        raise ParamsError(f"{source}: invalid params:\n" + "\n".join(lines)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file not found") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    params = parse_params(data, str(path))
+    trace.start(params)  # a no-op unless EDGEQA_TRACE_PARAMS is set
+    return params

@@ -1,0 +1,63 @@
+"""The manifest schema: one row per image. Shared by ingest (writer), validate (GX suite) and later stages,
+with the reference answer each row stands for."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from edgeqa_runtime.schema import Answer, AnswerSchema
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# name -> pandas dtype. Nullable dtypes so fields a dataset cannot have stay empty, not zero.
+COLUMNS: dict[str, str] = {
+    "sha256": "string",
+    "path": "string",
+    "relpath": "string",
+    "dataset": "string",
+    "category": "string",
+    "label": "string",
+    "defect_type": "string",
+    "mask_path": "string",
+    "width": "Int64",
+    "height": "Int64",
+    "mode": "string",
+    "split": "string",
+    "bbox_x0": "Int64",
+    "bbox_y0": "Int64",
+    "bbox_x1": "Int64",
+    "bbox_y1": "Int64",
+    "area_frac": "Float64",
+    "location": "string",
+    "size_class": "string",
+    "n_regions": "Int64",
+    "elongation": "Float64",
+    "shape": "string",
+    "orientation": "string",
+    "polarity": "string",
+    "reason": "string",
+}
+REQUIRED = ("sha256", "path", "relpath", "dataset", "category", "label", "width", "height", "mode", "split",
+            "reason")
+MASK_FACT_COLUMNS = ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1", "area_frac", "location", "size_class",
+                     "n_regions", "elongation", "shape", "orientation", "polarity")
+LABELS = ("good", "defective")
+
+
+def reference_answer(row: Mapping[str, Any]) -> Answer:
+    """The human reference answer of a manifest row (label, defect type, mask location, reference reason)."""
+    import pandas as pd
+
+    def val(key: str) -> str | None:
+        v = row.get(key)
+        return None if v is None or pd.isna(v) else str(v)
+
+    return Answer(verdict=str(row["label"]), defect_type=val("defect_type"), location=val("location"),
+                  reason=str(row["reason"]))
+
+
+def schema_for(defect_types: Sequence[str] | None, manifest: pd.DataFrame) -> AnswerSchema:
+    """The answer schema of a dataset: its defect types, and grid locations when any image has a mask."""
+    return AnswerSchema.for_dataset(defect_types, bool(manifest["mask_path"].notna().any()))

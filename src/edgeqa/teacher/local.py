@@ -1,0 +1,142 @@
+"""The saved local teacher: how it is stored and loaded, its anomaly evidence and its calibrated ensemble.
+
+A teacher folder holds `projector/` and `adapter/` (save_pretrained), `teacher.json` (base LM folder, image
+size, grid, schema, temperatures, ensemble) and, with anomaly evidence, `anomaly_bank.safetensors` (patch
+features of good training images). The base LM is the `convert` output, loaded, never copied.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeqa.answerer import Answerer
+from edgeqa.errors import StageError
+from edgeqa.io import folder_fingerprint
+from edgeqa_runtime.schema import AnswerSchema
+
+
+@dataclass
+class TeacherMeta:
+    base_lm_dir: str
+    image_size: int
+    grid: int
+    types: list[str]
+    locations: list[str]
+    verdict_temperature: float
+    type_temperature: float
+    anomaly: bool
+    ensemble: dict[str, float]  # logistic regression on [lm_logit / T, anomaly_z]: w_lm, w_anomaly, bias
+    anomaly_mean: float
+    anomaly_std: float
+
+    def schema(self) -> AnswerSchema:
+        return AnswerSchema(types=tuple(self.types), locations=tuple(self.locations))
+
+
+def anomaly_scores(patches: np.ndarray, bank: np.ndarray, chunk: int = 64) -> np.ndarray:
+    """Per image: the largest distance from any of its patches to the nearest good-training patch."""
+    import torch
+
+    b = torch.from_numpy(bank)
+    out = []
+    for i in range(0, len(patches), chunk):
+        p = torch.from_numpy(patches[i:i + chunk])
+        d = torch.cdist(p.reshape(-1, p.shape[-1]), b).min(dim=1).values.view(p.shape[0], p.shape[1])
+        out.append(d.max(dim=1).values.numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def ensemble_p(meta: TeacherMeta, lm_logit: np.ndarray, anomaly: np.ndarray | None) -> np.ndarray:
+    """Calibrated P(defective): the LM alone (temperature), or the ensemble fitted on val when anomaly is on."""
+    z = lm_logit / meta.verdict_temperature
+    if not meta.anomaly or anomaly is None:
+        return 1 / (1 + np.exp(-z))
+    a = (anomaly - meta.anomaly_mean) / meta.anomaly_std
+    e = meta.ensemble
+    return 1 / (1 + np.exp(-(e["w_lm"] * z + e["w_anomaly"] * a + e["bias"])))
+
+
+class LocalTeacher:
+    def __init__(self, folder: Path, threads: int = 2):
+        import torch
+        from peft import PeftModel
+        from safetensors.numpy import load_file
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from edgeqa.vlm.model import Layout, Projector, VisionLM
+        from edgeqa.vlm.vision import load_lite0
+
+        folder = Path(folder)
+        meta_file = folder / "teacher.json"
+        if not meta_file.is_file():
+            raise StageError(f"{folder} is not a teacher folder (no teacher.json); run the teacher_sft stage")
+        torch.set_num_threads(threads)
+        self.meta = TeacherMeta(**json.loads(meta_file.read_text()))
+        self.folder = folder
+        tok = AutoTokenizer.from_pretrained(self.meta.base_lm_dir)
+        lm = AutoModelForCausalLM.from_pretrained(self.meta.base_lm_dir)
+        lm = PeftModel.from_pretrained(lm, folder / "adapter").merge_and_unload().eval()  # LoRA folded in
+        projector = Projector.from_pretrained(folder / "projector").eval()
+        self.model = VisionLM(lm, tok, projector, Layout.build(tok, self.meta.schema()),
+                              self.meta.verdict_temperature, self.meta.type_temperature)
+        self.backbone = load_lite0()
+        self.bank = load_file(str(folder / "anomaly_bank.safetensors"))["bank"] if self.meta.anomaly else None
+        self.fingerprint = folder_fingerprint(folder)  # keys the label cache
+
+    def schema(self) -> AnswerSchema:
+        return self.meta.schema()
+
+    def parameters(self) -> int:
+        """Every parameter loaded at inference: LM (embeddings included, LoRA merged), projector, vision backbone."""
+        return sum(p.numel() for m in (self.model.lm, self.model.projector, self.backbone) for p in m.parameters())
+
+    def usage(self) -> None:
+        return None
+
+    def predict_paths(self, paths: Sequence[str], max_reason_tokens: int, top_k: int = 1, strict: bool = False
+                      ) -> list[dict[str, Any]]:
+        """Answers for image files. The closed fields are forced, so the only way an answer can fail to parse
+        is an empty reason; `strict` (the retry) then forbids stopping before a few reason tokens."""
+        import torch
+
+        from edgeqa.vlm.vision import image_features
+
+        f = image_features(self.backbone, paths, self.meta.image_size, self.meta.grid)
+        tokens = torch.from_numpy(f["tokens"])
+        verdict, type_lp = self.model.verdict_and_type(tokens)  # one pass, reused by predict
+        anomaly = anomaly_scores(f["patches"], self.bank) if self.bank is not None else None
+        p = ensemble_p(self.meta, verdict[0].numpy(), anomaly)
+        preds = self.model.predict(tokens, max_reason_tokens, top_k, p_defective=p.tolist(), verdict=verdict,
+                                   min_reason_tokens=min(3, max_reason_tokens) if strict else 0, type_lp=type_lp)
+        out = []
+        for i, pr in enumerate(preds):
+            rec = asdict(pr)
+            rec["answer"] = asdict(pr.answer)
+            rec["anomaly_score"] = None if anomaly is None else round(float(anomaly[i]), 6)
+            out.append(rec)
+        return out
+
+
+def load_teacher(folder: Path, threads: int = 2) -> Answerer:
+    """The teacher a folder describes (the `teacher_sft` output): the local one, or an hf / openai backend."""
+    meta_file = Path(folder) / "teacher.json"
+    if not meta_file.is_file():
+        raise StageError(f"{folder} is not a teacher folder (no teacher.json); run the teacher_sft stage")
+    d = json.loads(meta_file.read_text())
+    backend = d.get("backend", "local")
+    if backend == "local":
+        return LocalTeacher(folder, threads)
+    from edgeqa.teacher.backends import HFTeacher, OpenAITeacher, RemoteMeta
+
+    meta = RemoteMeta(**d)
+    if backend == "hf":
+        return HFTeacher(meta, threads)
+    if backend == "openai":
+        return OpenAITeacher(meta)
+    raise StageError(f"{meta_file}: unknown backend {backend!r} (known: local, hf, openai)")

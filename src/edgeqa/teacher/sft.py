@@ -1,0 +1,226 @@
+"""Stage `teacher_sft`: domain SFT of the local teacher on the `labelled` split (human reference answers).
+
+PEFT LoRA on the language model plus the projector; the Lite0 backbone stays frozen, so its features are
+computed once. The verdict, type and location value tokens are up-weighted in the loss. Early stopping on
+`val` loss; then temperatures (verdict, type) are fitted on `val`, and, with anomaly evidence on, a logistic
+ensemble of the LM's calibrated logit and a patch-kNN anomaly score. The report shows the LM alone beside the
+ensemble. `test` is never touched here.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from edgeqa.config import GRID_WORDS, TeacherConfig
+from edgeqa.data.manifest import reference_answer, schema_for
+from edgeqa.errors import StageError
+from edgeqa.evaluation.metrics import auroc
+from edgeqa.io import atomic_dir, atomic_write_text, write_json
+from edgeqa.report import md_table
+from edgeqa_runtime.schema import AnswerSchema
+
+log = logging.getLogger("edgeqa.teacher_sft")
+
+
+def describe_remote(cfg: TeacherConfig, defect_types: Sequence[str] | None, manifest: Path, out: Path,
+                    metrics: Path | None = None, report: Path | None = None,
+                    live_dir: Path | None = None) -> dict[str, object]:
+    """Backends hf and openai are zero-shot: no SFT. The teacher folder is then a descriptor (teacher.json with
+    the backend's settings, never a key), so label, its cache and the fingerprint work as for the local one."""
+    schema = schema_for(defect_types, pd.read_parquet(manifest))
+    settings = (cfg.hf if cfg.backend == "hf" else cfg.openai).model_dump()
+    if cfg.backend == "hf" and not (Path(settings["path"]) / "config.json").is_file():
+        raise StageError(f"teacher.hf.path {settings['path']!r} is not a Hugging Face model folder (no config.json)")
+    desc = {"backend": cfg.backend, "types": list(schema.types), "locations": list(schema.locations),
+            "settings": settings, "max_new_tokens": settings["max_new_tokens"]}
+    with atomic_dir(out) as tmp:
+        (tmp / "teacher.json").write_text(json.dumps(desc, indent=2, sort_keys=True) + "\n")
+    res: dict[str, object] = {"backend": cfg.backend, "trained": False, "train_images": 0}
+    if live_dir:  # the stage's declared DVCLive outputs exist, empty of curves: nothing was trained
+        (live_dir / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
+        write_json(live_dir / "metrics.json", res)
+    if metrics:
+        write_json(metrics, res)
+    if report:
+        atomic_write_text(report, f"# teacher_sft\n\nBackend `{cfg.backend}` is zero-shot: no fine-tuning. The "
+                          f"teacher folder describes it ({', '.join(sorted(settings))}).\n")
+    return res
+
+
+def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Path, manifest: Path, out: Path,
+        metrics: Path | None = None, report: Path | None = None, live_dir: Path | None = None) -> dict[str, object]:
+    """Fine-tune the local teacher (`teacher` params) on the labelled split of `manifest`; for the hf and openai
+    backends, write their descriptor folder instead."""
+    if cfg.backend != "local":
+        return describe_remote(cfg, defect_types, manifest, out, metrics, report, live_dir)
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.numpy import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgeqa.teacher.local import TeacherMeta, anomaly_scores
+    from edgeqa.vlm.model import Layout, Projector, ProjectorConfig, VisionLM, fit_temperature
+    from edgeqa.vlm.vision import image_features, load_lite0
+
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    rng = np.random.default_rng(cfg.seed)
+    df = pd.read_parquet(manifest)
+    train, val = df[df.split == "labelled"].reset_index(drop=True), df[df.split == "val"].reset_index(drop=True)
+    if len(train) == 0 or len(val) == 0:
+        raise StageError(f"teacher_sft: {manifest} needs labelled and val images (got {len(train)} and {len(val)})")
+    has_masks = bool(df["mask_path"].notna().any())
+    schema = AnswerSchema.for_dataset(defect_types, has_masks)
+    backbone = load_lite0()
+    ftr = image_features(backbone, list(train.path), cfg.image_size, cfg.grid)
+    fva = image_features(backbone, list(val.path), cfg.image_size, cfg.grid)
+    t_feat = time.perf_counter() - t0
+
+    tok = AutoTokenizer.from_pretrained(base_lm_dir)
+    lm: Any = AutoModelForCausalLM.from_pretrained(base_lm_dir)
+    lm = get_peft_model(lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_targets,
+                                       lora_dropout=0.0, task_type="CAUSAL_LM"))
+    proj = Projector(ProjectorConfig(in_dim=ftr["tokens"].shape[-1], n_tokens=cfg.grid * cfg.grid,
+                                     lm_hidden=lm.config.hidden_size, hidden=cfg.projector_hidden))
+    proj.fit_standardiser(ftr["tokens"])
+    model = VisionLM(lm, tok, proj, Layout.build(tok, schema))
+    opt = torch.optim.AdamW([{"params": [q for q in lm.parameters() if q.requires_grad], "lr": cfg.lr_lora},
+                             {"params": list(proj.parameters()), "lr": cfg.lr_projector}], weight_decay=0.0)
+    a_tr = [reference_answer(r) for _, r in train.iterrows()]
+    a_va = [reference_answer(r) for _, r in val.iterrows()]
+    x_tr, x_va = torch.from_numpy(ftr["tokens"]), torch.from_numpy(fva["tokens"])
+    y_va = (val.label == "defective").to_numpy().astype(int)
+
+    def val_loss() -> float:
+        lm.eval()
+        proj.eval()
+        with torch.no_grad():
+            tot = sum(float(model.loss(x_va[i:i + cfg.batch_size], a_va[i:i + cfg.batch_size], cfg.key_token_weight))
+                      * len(a_va[i:i + cfg.batch_size]) for i in range(0, len(a_va), cfg.batch_size))
+        return tot / len(a_va)
+
+    initial_val_loss = val_loss()
+    live = None
+    if live_dir is not None:
+        from dvclive import Live
+
+        live = Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None)
+    best, best_state, bad, history = float("inf"), None, 0, []
+    for epoch in range(cfg.epochs):
+        lm.train()
+        proj.train()
+        order = rng.permutation(len(a_tr))
+        losses = []
+        for i in range(0, len(order), cfg.batch_size):
+            idx = order[i:i + cfg.batch_size]
+            loss = model.loss(x_tr[idx], [a_tr[j] for j in idx], cfg.key_token_weight)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        vl = val_loss()
+        d, _ = model.verdict_logits(x_va)
+        auc = auroc(y_va, d.numpy())
+        history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": vl, "val_auroc_lm": auc})
+        log.info("epoch %d: train %.4f val %.4f val AUROC (LM) %s", epoch + 1, np.mean(losses), vl, auc)
+        if live is not None:
+            live.log_metric("train_loss", float(np.mean(losses)))
+            live.log_metric("val_loss", vl)
+            if auc is not None:
+                live.log_metric("val_auroc_lm", auc)
+            live.next_step()
+        if vl < best - 1e-4:
+            best, bad = vl, 0
+            best_state = (copy.deepcopy({k: v for k, v in lm.state_dict().items() if "lora_" in k}),
+                          copy.deepcopy(proj.state_dict()))
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    if live is not None:
+        live.end()
+    assert best_state is not None
+    lm.load_state_dict(best_state[0], strict=False)
+    proj.load_state_dict(best_state[1])
+    lm.eval()
+    proj.eval()
+
+    # calibration on val: verdict and type temperatures
+    d_va = model.verdict_logits(x_va)[0].numpy()
+    t_verdict = fit_temperature(d_va, y_va, binary=True)
+    t_type, type_acc = 1.0, None
+    dv = np.flatnonzero((val.label == "defective").to_numpy())
+    if schema.types and len(dv):
+        lp = model.type_logprobs(x_va[dv]).numpy()
+        tgt = np.array([schema.types.index(t) for t in val.defect_type.iloc[dv]])
+        t_type = fit_temperature(lp, tgt, binary=False)
+        type_acc = float((lp.argmax(1) == tgt).mean())
+    # anomaly evidence and the ensemble, fitted on val
+    ens, a_mean, a_std, auc_anom, auc_ens = {"w_lm": 1.0, "w_anomaly": 0.0, "bias": 0.0}, 0.0, 1.0, None, None
+    bank, a_va_scores = None, None
+    if cfg.anomaly:
+        good = np.flatnonzero((train.label == "good").to_numpy())
+        bank = ftr["patches"][good].reshape(-1, ftr["patches"].shape[-1])
+        a_va_scores = anomaly_scores(fva["patches"], bank)  # scaled on val: train patches are in the bank
+        a_mean, a_std = float(a_va_scores.mean()), float(a_va_scores.std() + 1e-6)
+        from sklearn.linear_model import LogisticRegression
+
+        xs = np.stack([d_va / t_verdict, (a_va_scores - a_mean) / a_std], 1)
+        if 0 < y_va.sum() < len(y_va):
+            lr = LogisticRegression(C=1.0).fit(xs, y_va)
+            ens = {"w_lm": float(lr.coef_[0, 0]), "w_anomaly": float(lr.coef_[0, 1]), "bias": float(lr.intercept_[0])}
+        auc_anom = auroc(y_va, a_va_scores)
+    meta = TeacherMeta(base_lm_dir=str(base_lm_dir), image_size=cfg.image_size, grid=cfg.grid,
+                       types=list(schema.types), locations=list(schema.locations), verdict_temperature=t_verdict,
+                       type_temperature=t_type, anomaly=cfg.anomaly, ensemble=ens, anomaly_mean=a_mean,
+                       anomaly_std=a_std)
+    if cfg.anomaly:
+        from edgeqa.teacher.local import ensemble_p
+
+        auc_ens = auroc(y_va, ensemble_p(meta, d_va, a_va_scores))
+    with atomic_dir(out) as tmp:
+        proj.save_pretrained(tmp / "projector")
+        lm.save_pretrained(tmp / "adapter")
+        if bank is not None:
+            save_file({"bank": np.ascontiguousarray(bank)}, str(tmp / "anomaly_bank.safetensors"))
+        (tmp / "teacher.json").write_text(json.dumps(meta.__dict__, indent=2) + "\n")
+    dt = time.perf_counter() - t0
+    lm_params = sum(q.numel() for q in lm.parameters())
+    res: dict[str, object] = {
+        "train_images": len(train), "val_images": len(val), "epochs_run": len(history),
+        "initial_val_loss": initial_val_loss, "best_val_loss": best, "val_auroc_lm": auroc(y_va, d_va),
+        "val_auroc_anomaly": auc_anom,
+        "val_auroc_ensemble": auc_ens, "val_type_accuracy_lm": type_acc, "verdict_temperature": t_verdict,
+        "type_temperature": t_type, "seconds": round(dt, 2), "feature_seconds": round(t_feat, 2),
+        "parameters": int(lm_params + sum(q.numel() for q in proj.parameters())
+                          + sum(q.numel() for q in backbone.parameters())),
+        "locations_known": bool(schema.locations == GRID_WORDS),
+    }
+    if metrics:
+        write_json(metrics, res)
+    if report:
+        rows: list[list[Any]] = [[h["epoch"], h["train_loss"], h["val_loss"], h["val_auroc_lm"]] for h in history]
+        auc_rows: list[list[Any]] = [["LM alone (calibrated)", res["val_auroc_lm"]],
+                                     ["patch-kNN anomaly alone", auc_anom], ["ensemble (fitted on val)", auc_ens]]
+        atomic_write_text(report, "# teacher_sft\n\n"
+                          f"SFT of the local teacher (Lite0 -> projector -> SmolLM2-135M + LoRA r={cfg.lora_r}) on "
+                          f"{len(train)} labelled images, early stopping on {len(val)} val images, "
+                          f"{res['seconds']} s.\n\n"
+                          + md_table(["epoch", "train loss", "val loss", "val AUROC (LM)"], rows)
+                          + "\n\nVerdict on val (the LM's own share beside the ensemble):\n\n"
+                          + md_table(["P(defective) from", "val AUROC"], auc_rows)
+                          + f"\n\nTemperatures fitted on val: verdict {t_verdict:.3g}, type {t_type:.3g}. "
+                          f"Type accuracy on defective val images (LM): "
+                          f"{type_acc if type_acc is None else round(type_acc, 3)}.\n")
+    log.info("teacher_sft: %s", res)
+    return res

@@ -1,0 +1,317 @@
+"""The local multimodal model: frozen EfficientNet-Lite0 features -> a trainable projector -> prefix
+embeddings of a causal LM adapted with PEFT LoRA (LLaVA-style joining).
+
+The language model decides. Verdict, type and location are chosen from the schema's closed sets by the LM's
+own scores after the fixed answer prefix (edgeqa.vlm.scoring), in one left-to-right pass; only the reason is
+generated. Training and scoring share one piecewise tokenisation of the answer (`Layout`), so the tokens
+scored at inference are exactly the tokens trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from edgeqa.vlm.scoring import first_token_scores, first_tokens_distinct, option_token_ids, score_options
+from edgeqa_runtime.schema import FIELDS, PROMPT, Answer, AnswerSchema
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+
+
+class ProjectorConfig(PretrainedConfig):
+    model_type = "edgeqa_projector"
+
+    def __init__(self, in_dim: int = 2560, n_tokens: int = 16, lm_hidden: int = 576, hidden: int = 1024,
+                 **kwargs: Any):
+        super().__init__(**kwargs)
+        self.in_dim, self.n_tokens, self.lm_hidden, self.hidden = in_dim, n_tokens, lm_hidden, hidden
+
+
+class Projector(PreTrainedModel):
+    """Image tokens (n_tokens, in_dim) -> LM prefix embeddings. Inputs are standardised per dimension with
+    statistics fitted on the training images (without it the LM ignores the image)."""
+
+    config_class = ProjectorConfig
+    base_model_prefix = "projector"
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, config: ProjectorConfig):
+        super().__init__(config)
+        self.register_buffer("mean", torch.zeros(config.in_dim))
+        self.register_buffer("std", torch.ones(config.in_dim))
+        self.mlp = nn.Sequential(nn.Linear(config.in_dim, config.hidden), nn.GELU(),
+                                 nn.Linear(config.hidden, config.lm_hidden))
+        self.pos = nn.Parameter(torch.zeros(config.n_tokens, config.lm_hidden))
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+
+    def fit_standardiser(self, tokens: np.ndarray) -> None:
+        flat = torch.from_numpy(tokens.reshape(-1, tokens.shape[-1]))
+        self.mean.copy_(flat.mean(0))
+        self.std.copy_(flat.std(0).clamp_min(1e-4))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.mlp((tokens - self.mean) / self.std) + self.pos
+
+
+@dataclass
+class Layout:
+    """Token ids of the fixed parts of the conversation and of each closed option."""
+
+    pre: list[int]
+    post: list[int]
+    field_ids: dict[str, list[int]]
+    options: dict[str, list[list[int]]]
+    end: int
+    schema: AnswerSchema
+    stops: list[int]  # end of answer, and every token that contains a line break (the reason is one line)
+
+    @classmethod
+    def build(cls, tokenizer: Any, schema: AnswerSchema, prompt: str = PROMPT) -> Layout:
+        def enc(s: str) -> list[int]:
+            return list(tokenizer.encode(s, add_special_tokens=False))
+
+        end = int(tokenizer.convert_tokens_to_ids(IM_END))
+        vocab = tokenizer.get_vocab()
+        breaks = sorted(i for t, i in vocab.items() if "\n" in tokenizer.convert_tokens_to_string([t]))
+        return cls(pre=enc(f"{IM_START}user\n"), post=enc(f"\n{prompt}{IM_END}\n{IM_START}assistant\n"),
+                   field_ids={f: enc(AnswerSchema.prefix(f).rstrip()) for f in FIELDS},
+                   options={f: option_token_ids(tokenizer, o) for f, o in schema.options().items()},
+                   end=end, schema=schema, stops=[end, *[i for i in breaks if i != end]])
+
+    def option(self, f: str, value: str | None) -> list[int]:
+        opts = self.schema.options()[f]
+        return self.options[f][opts.index(value or "none")]
+
+    def answer_ids(self, a: Answer, tokenizer: Any, reason_ids: Sequence[int] | None = None
+                   ) -> tuple[list[int], list[int]]:
+        """(ids, key) for a whole answer; key marks the verdict/type/location value tokens. `reason_ids` gives the
+        reason as already-tokenised ids (a teacher's generated tokens), instead of encoding `a.reason`."""
+        ids: list[int] = []
+        key: list[int] = []
+        for f, v in (("verdict", a.verdict), ("type", a.defect_type), ("location", a.location)):
+            ids += self.field_ids[f]
+            key += [0] * len(self.field_ids[f])
+            o = self.option(f, v)
+            ids += o
+            key += [1] * len(o)
+        reason = (list(reason_ids) if reason_ids is not None
+                  else list(tokenizer.encode(" " + a.reason, add_special_tokens=False))) + [self.end]
+        ids += self.field_ids["reason"] + reason
+        key += [0] * (len(self.field_ids["reason"]) + len(reason))
+        return ids, key
+
+
+@dataclass
+class Prediction:
+    answer: Answer
+    p_defective: float  # calibrated
+    p_defective_lm: float  # uncalibrated LM score
+    type_probs: dict[str, float]
+    location_probs: dict[str, float]
+    soft_targets: list[dict[str, Any]] = field(default_factory=list)
+    generated_tokens: int = 0
+
+
+class VisionLM:
+    """Projector + LM (+ tokenizer, layout). The backbone features are computed outside (edgeqa.vlm.vision)."""
+
+    def __init__(self, lm: Any, tokenizer: Any, projector: Projector, layout: Layout,
+                 verdict_temperature: float = 1.0, type_temperature: float = 1.0):
+        self.lm, self.tok, self.projector, self.layout = lm, tokenizer, projector, layout
+        self.verdict_temperature, self.type_temperature = verdict_temperature, type_temperature
+
+    # ------------------------------------------------------------------------------------- inputs
+    def _embed(self, ids: Sequence[int]) -> torch.Tensor:
+        emb = self.lm.get_input_embeddings()
+        return emb(torch.tensor(list(ids), dtype=torch.long))
+
+    def contexts(self, image_embeds: torch.Tensor, tails: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded [pre][image][post][tail_i] embeddings and attention mask, one row per image."""
+        empty = image_embeds.new_zeros(0, image_embeds.shape[-1])
+        rows = [torch.cat([self._embed(self.layout.pre), image_embeds[i], self._embed(self.layout.post),
+                           self._embed(tails[i]) if len(tails[i]) else empty]) for i in range(len(tails))]
+        n = max(r.shape[0] for r in rows)
+        h = rows[0].shape[1]
+        embeds = image_embeds.new_zeros(len(rows), n, h)
+        mask = torch.zeros(len(rows), n, dtype=torch.long)
+        for i, r in enumerate(rows):
+            embeds[i, n - r.shape[0]:] = r
+            mask[i, n - r.shape[0]:] = 1
+        return embeds, mask
+
+    def loss(self, tokens: torch.Tensor, answers: Sequence[Answer], key_weight: float) -> torch.Tensor:
+        """Weighted next-token cross-entropy on the answer tokens; verdict/type/location values x key_weight."""
+        logits, tgt, w, _ = self.answer_logits(tokens, [self.layout.answer_ids(a, self.tok) for a in answers],
+                                               key_weight)
+        ce = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100,
+                                         reduction="none").view_as(w)
+        return (ce * w).sum() / w.sum()
+
+    def answer_logits(self, tokens: torch.Tensor, seqs: Sequence[tuple[list[int], list[int]]], key_weight: float,
+                      row_weights: Sequence[float] | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Teacher-forced pass over [pre][image][post][answer ids]: (logits predicting each next token, targets
+        (-100 outside the answer), per-token CE weights, prefix length). The logit at column prefix + j - 1
+        predicts answer token j."""
+        img = self.projector(tokens)
+        prefix = len(self.layout.pre) + img.shape[1] + len(self.layout.post)
+        n = prefix + max(len(s) for s, _ in seqs)
+        h = img.shape[-1]
+        embeds = img.new_zeros(len(seqs), n, h)
+        mask = torch.zeros(len(seqs), n, dtype=torch.long)
+        labels = torch.full((len(seqs), n), -100, dtype=torch.long)
+        weights = torch.zeros(len(seqs), n)
+        pre, post = self._embed(self.layout.pre), self._embed(self.layout.post)
+        for i, (ids, key) in enumerate(seqs):
+            row = torch.cat([pre, img[i], post, self._embed(ids)])
+            embeds[i, :row.shape[0]] = row
+            mask[i, :row.shape[0]] = 1
+            labels[i, prefix:prefix + len(ids)] = torch.tensor(ids)
+            rw = 1.0 if row_weights is None else float(row_weights[i])
+            weights[i, prefix:prefix + len(ids)] = torch.tensor([rw * (key_weight if k else 1.0) for k in key])
+        logits = self.lm(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1].float()
+        return logits, labels[:, 1:], weights[:, 1:], prefix
+
+    # ------------------------------------------------------------------------------------ scoring
+    def verdict_logits(self, tokens: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """LM logit of 'defective' vs 'good' after `verdict:` (first-token scores), and the raw scores."""
+        with torch.inference_mode():
+            img = self.projector(tokens)
+            e, m = self.contexts(img, [self.layout.field_ids["verdict"]] * len(tokens))
+            s = score_options(self.lm, e, m, self.layout.options["verdict"])
+        return s.logprobs[:, 1] - s.logprobs[:, 0], s
+
+    def type_logprobs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """log P(type | defective) over the dataset's types (uncalibrated)."""
+        types = self.layout.schema.types
+        if not types:
+            return torch.zeros(len(tokens), 0)
+        L = self.layout
+        tail = L.field_ids["verdict"] + L.option("verdict", "defective") + L.field_ids["type"]
+        with torch.inference_mode():
+            e, m = self.contexts(self.projector(tokens), [tail] * len(tokens))
+            return score_options(self.lm, e, m, self.layout.options["type"][:len(types)]).logprobs
+
+    def verdict_and_type(self, tokens: torch.Tensor) -> tuple[tuple[torch.Tensor, Any], torch.Tensor]:
+        """`verdict_logits` and `type_logprobs` from ONE forward pass: the type context ("... verdict: defective;
+        type:") extends the verdict context, and every row has the same length (fixed image tokens, same tail),
+        so the verdict decision is read at a fixed earlier position. Falls back to two passes when the type
+        options need whole-sequence scoring."""
+        types = self.layout.schema.types
+        L = self.layout
+        if not types or not first_tokens_distinct(L.options["type"][:len(types)]):
+            return self.verdict_logits(tokens), self.type_logprobs(tokens)
+        tail0 = L.field_ids["verdict"]
+        tail1 = tail0 + L.option("verdict", "defective") + L.field_ids["type"]
+        with torch.inference_mode():
+            e, m = self.contexts(self.projector(tokens), [tail1] * len(tokens))
+            logits = self.lm(inputs_embeds=e, attention_mask=m).logits
+            vs = first_token_scores(logits[:, -1 - (len(tail1) - len(tail0)), :], L.options["verdict"])
+            ts = first_token_scores(logits[:, -1, :], L.options["type"][:len(types)])
+        return (vs.logprobs[:, 1] - vs.logprobs[:, 0], vs), ts.logprobs
+
+    def predict(self, tokens: torch.Tensor, max_reason_tokens: int, top_k: int,
+                p_defective: Sequence[float] | None = None,
+                verdict: tuple[torch.Tensor, Any] | None = None, min_reason_tokens: int = 0,
+                type_lp: torch.Tensor | None = None) -> list[Prediction]:
+        """Answer for a batch of images. `p_defective` (e.g. an ensemble with anomaly evidence) may override the
+        LM's calibrated P(defective) for the verdict; the LM's own score is kept beside it. `verdict` passes
+        the result of `verdict_logits(tokens)` when the caller already has it. `min_reason_tokens` forbids
+        stopping before that many reason tokens (the stricter retry of an empty reason)."""
+        L, schema = self.layout, self.layout.schema
+        d, vs = verdict if verdict is not None else self.verdict_logits(tokens)
+        p_lm = torch.sigmoid(d / self.verdict_temperature)
+        p = torch.tensor(list(p_defective)) if p_defective is not None else p_lm
+        n = len(tokens)
+        types = schema.types
+        soft: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+        for i in range(n):
+            soft[i].append(_topk("verdict", vs.vocab_logprobs[i], top_k))
+        if type_lp is None:
+            type_lp = self.type_logprobs(tokens)
+        if types:
+            type_p = torch.softmax(type_lp / self.type_temperature, -1)
+            type_pick = [types[j] for j in type_p.argmax(-1).tolist()]
+        else:
+            type_p, type_pick = torch.zeros(n, 0), [None] * n
+        verdicts = ["defective" if float(p[i]) >= 0.5 else "good" for i in range(n)]
+        img = self.projector(tokens)
+        loc_probs: list[dict[str, float]] = [{} for _ in range(n)]
+        locs: list[str | None] = [None] * n
+        if schema.locations:
+            tails = [L.field_ids["verdict"] + L.option("verdict", "defective") + L.field_ids["type"]
+                     + L.option("type", type_pick[i]) + L.field_ids["location"] for i in range(n)]
+            with torch.inference_mode():
+                e, m = self.contexts(img, tails)
+                ls = score_options(self.lm, e, m, L.options["location"])
+            opts = schema.options()["location"]
+            for i in range(n):
+                loc_probs[i] = {o: round(float(v), 6) for o, v in zip(opts, ls.logprobs[i].exp())}
+                j = int(ls.logprobs[i, :len(schema.locations)].argmax())
+                locs[i] = schema.locations[j]
+        answers_prefix = []
+        for i in range(n):
+            good = verdicts[i] == "good"
+            t = None if good else type_pick[i]
+            loc = None if good else locs[i]
+            answers_prefix.append((verdicts[i], t, loc))
+        tails = [L.field_ids["verdict"] + L.option("verdict", v) + L.field_ids["type"] + L.option("type", t)
+                 + L.field_ids["location"] + L.option("location", loc) + L.field_ids["reason"]
+                 for v, t, loc in answers_prefix]
+        with torch.inference_mode():
+            e, m = self.contexts(img, tails)
+            out = self.lm.generate(inputs_embeds=e, attention_mask=m, max_new_tokens=max_reason_tokens,
+                                   min_new_tokens=min_reason_tokens or None,
+                                   do_sample=False, eos_token_id=L.stops, pad_token_id=L.end,
+                                   output_scores=True, return_dict_in_generate=True)
+        seqs = out.sequences
+        stop_set = set(L.stops)
+        preds = []
+        for i in range(n):
+            ids = seqs[i].tolist()
+            stop = next((k for k, t in enumerate(ids) if t in stop_set), len(ids))
+            gen = ids[:stop]
+            for step in range(len(gen)):
+                soft[i].append(_topk(f"reason:{step}", torch.log_softmax(out.scores[step][i].float(), -1), top_k))
+            reason = self.tok.decode(gen, skip_special_tokens=True).strip()
+            v, t, loc = answers_prefix[i]
+            preds.append(Prediction(
+                answer=Answer(v, t, loc, reason), p_defective=round(float(p[i]), 6),
+                p_defective_lm=round(float(p_lm[i]), 6),
+                type_probs={ty: round(float(x), 6) for ty, x in zip(types, type_p[i])},
+                location_probs=loc_probs[i], soft_targets=soft[i], generated_tokens=len(gen)))
+        return preds
+
+
+def _topk(position: str, logprobs: torch.Tensor, k: int) -> dict[str, Any]:
+    v, i = logprobs.topk(k)
+    return {"position": position, "ids": i.tolist(), "logprobs": [round(float(x), 5) for x in v]}
+
+
+def fit_temperature(logits: np.ndarray, targets: np.ndarray, binary: bool) -> float:
+    """Temperature minimising NLL on held-out data (grid search over log-spaced values; robust, no optimiser)."""
+    best_t, best = 1.0, float("inf")
+    for t in np.exp(np.linspace(np.log(0.05), np.log(20.0), 121)):
+        if binary:
+            z = logits / t
+            nll = float(np.mean(np.logaddexp(0, -z) * targets + np.logaddexp(0, z) * (1 - targets)))
+        else:
+            z = logits / t
+            z = z - z.max(1, keepdims=True)
+            lp = z - np.log(np.exp(z).sum(1, keepdims=True))
+            nll = float(-lp[np.arange(len(targets)), targets].mean())
+        if nll < best:
+            best_t, best = float(t), nll
+    return best_t
