@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeqa import benchrec
+from edgeqa.compress.quantize import STUDENTS
 from edgeqa.config import load_params
 from edgeqa.project import copy_worktree, load_project_module
 from edgeqa.stack import PORT_KEYS, Stack, StackConfig, free_ports
@@ -116,7 +117,85 @@ def main(root: Path) -> int:
     print(f"wrote {out}")
     teacher_ips = teacher_bench(params, root)
     student_bench(params, root, teacher_ips)
+    edge_bench(params, root)
     return 0
+
+
+EDGE_SAMPLE = 50  # test images, the first by sha256: the same sample on every run of the same data
+
+
+def _latency(fn: Any, paths: list[str]) -> dict[str, float]:
+    """p50 / p95 / mean of per-image wall times (ms), from the image file to the answer, after one warm-up."""
+    import numpy as np
+
+    fn(paths[0])
+    ms = []
+    for p in paths:
+        t0 = time.perf_counter()
+        fn(p)
+        ms.append((time.perf_counter() - t0) * 1000)
+    a = np.asarray(ms)
+    return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)), "mean": float(a.mean())}
+
+
+def edge_bench(params: Any, root: Path) -> None:
+    """reports/bench/edge.json: batch 1, one thread, image file to answer (decoding and the reason included), on
+    a fixed sample of `test` images: the PyTorch source student, its FP32 export and the shipped bundle (INT8
+    where quantize kept it), with the bundle's size. The teacher at batch 1 / one thread on a smaller sample."""
+    import json
+
+    import pandas as pd
+    import torch
+
+    from edgeqa.student.export import export
+    from edgeqa.student.model import Student
+    from edgeqa.teacher.local import LocalTeacher
+    from edgeqa_runtime.bundle import verify
+    from edgeqa_runtime.session import OrtStudent
+
+    bundle = root / params.paths.model_dir("edge")
+    manifest = root / params.paths.ingest_dir / "manifest.parquet"
+    if not (bundle / "manifest.json").is_file() or not manifest.exists():
+        print(f"no edge bundle at {bundle}: run `make run` first; edge benchmark skipped")
+        return
+    m = verify(bundle)
+    source = root / params.paths.model_dir(m["source"])
+    df = pd.read_parquet(manifest)
+    paths = [str(p) for p in df[df.split == "test"].sort_values("sha256").path[:EDGE_SAMPLE]]
+    n_tok = params.quantize.max_reason_tokens
+    torch.set_num_threads(1)
+    lat: dict[str, dict[str, float]] = {}
+    pt = Student(source, 1)
+    lat["pytorch"] = _latency(lambda p: pt.predict_paths([p], n_tok), paths)
+    with tempfile.TemporaryDirectory() as tmp:
+        export(source, Path(tmp) / "fp32")
+        fp32 = OrtStudent(Path(tmp) / "fp32", 1)
+        lat["fp32"] = _latency(lambda p: fp32.predict_paths([p], n_tok), paths)
+        fp32_bytes = sum(e["bytes"] for e in json.loads((Path(tmp) / "fp32" / "manifest.json").read_text())
+                         ["files"].values())
+    edge = OrtStudent(bundle, 1)
+    lat["edge"] = _latency(lambda p: edge.predict_paths([p], n_tok), paths)
+    teacher_dir = root / params.paths.model_dir("teacher")
+    if (teacher_dir / "teacher.json").exists():
+        t = LocalTeacher(teacher_dir, 1)
+        lat["teacher"] = _latency(lambda p: t.predict_paths([p], n_tok, 1), paths[:10])
+    size = sum(e["bytes"] for e in m["files"].values()) + (bundle / "manifest.json").stat().st_size
+    cmd = f"make bench: batch 1, 1 thread, {len(paths)} test images (first by sha256), file to answer"
+    recs = [benchrec.record("edge:bundle_bytes", size, "bytes", "<= 5 MB", f"every file in {bundle.name}/"),
+            benchrec.record("edge:fp32_export_bytes", fp32_bytes, "bytes", None, "the same student, FP32 graphs")]
+    for k, v in lat.items():
+        n = "10 test images" if k == "teacher" else cmd
+        recs += [benchrec.record(f"edge:{k}_p50_ms", v["p50"], "ms", "<= 10 ms" if k == "edge" else None, n),
+                 benchrec.record(f"edge:{k}_p95_ms", v["p95"], "ms", None, n)]
+    recs.append(benchrec.record("edge:fp32_over_edge_p50", lat["fp32"]["p50"] / lat["edge"]["p50"], "x",
+                                ">= 2 (INT8 vs FP32)", f"graphs {m['graphs']}; same run"))
+    if "teacher" in lat:
+        recs.append(benchrec.record("edge:teacher_over_edge_p50", lat["teacher"]["p50"] / lat["edge"]["p50"], "x",
+                                    ">= 50", "same run"))
+    out = root / params.paths.bench_dir / "edge.json"
+    benchrec.write(out, recs)
+    print("edge (batch 1, 1 thread, p50 ms): " + ", ".join(f"{k} {v['p50']:.1f}" for k, v in lat.items())
+          + f"; bundle {size:,} bytes ({m['graphs']}); wrote {out}")
 
 
 def student_bench(params: Any, root: Path, teacher_ips: float | None) -> None:
@@ -167,7 +246,7 @@ def student_bench(params: Any, root: Path, teacher_ips: float | None) -> None:
     stage_times = root / params.paths.bench_dir / "pipeline.json"
     if stage_times.exists():
         walls = {r["name"]: r["value"] for r in json.loads(stage_times.read_text())["records"]}
-        students = [m for m in params.evaluate.models if m != "teacher"]  # each trained by the stage of its name
+        students = STUDENTS  # each trained by the stage of its name
         parts = [walls.get(f"stage:{s}") for s in students]
         if all(v is not None for v in parts):
             recs.append(benchrec.record("student:train_stages_s", sum(parts), "s", "<= 120 s (README budget)",

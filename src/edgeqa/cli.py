@@ -1,4 +1,5 @@
-"""`edgeqa`: the command line. Infrastructure (up/down/status), profiles, the pipeline run and benchmarks.
+"""`edgeqa`: the command line. Infrastructure (up/down/status), profiles, the pipeline run, benchmarks, and
+`predict` with an edge bundle.
 
 Every command acts on the project of the current directory (the nearest folder at or above it with dvc.yaml),
 or on `--project DIR`; never on the folder edgeqa was installed from. Prefect is imported only inside the
@@ -181,6 +182,29 @@ def bench() -> None:
     from edgeqa.bench import main as bench_main
 
     raise typer.Exit(bench_main(project_root()))
+
+
+@app.command()
+def predict(
+        target: Annotated[Path, typer.Argument(metavar="IMAGE_OR_FOLDER", help="an image, or a folder of images")],
+        bundle: Annotated[Path, typer.Option(help="the edge bundle folder (e.g. models/edge)")],
+        out: Annotated[Path | None, typer.Option(help="write JSON lines here (default: stdout)")] = None,
+        threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads")] = 1,
+        max_reason_tokens: Annotated[int | None, typer.Option(help="cap on the reason (default: the bundle's)")]
+        = None,
+        progress: Annotated[bool, typer.Option(help="progress bar on stderr")] = True) -> None:
+    """Answer an image or every image in a folder with an edge bundle, as `edgeqa-edge predict` on a device
+    (the same function): one JSON line per image; an unreadable image gets its own line with `error`.
+    Exit 0: all answered; 1: some images unreadable; 2: the bundle or the arguments were refused."""
+    from edgeqa_runtime.bundle import BundleError
+    from edgeqa_runtime.cli import predict as edge_predict
+
+    try:
+        code = edge_predict(bundle, target, out, threads, max_reason_tokens, progress)
+    except (BundleError, FileNotFoundError) as exc:
+        _fail(str(exc))
+        raise
+    raise typer.Exit(code)
 
 
 if __name__ == "__main__":

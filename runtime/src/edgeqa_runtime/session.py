@@ -1,18 +1,21 @@
-"""The exported student in onnxruntime: numpy, onnxruntime and the `tokenizers` library, no torch.
+"""The student in onnxruntime, loaded from an edge bundle: numpy, onnxruntime and `tokenizers`, no torch.
 
-An export folder (written by `edgeqa.student.export`) holds `vision.onnx` (pixels -> prefix embeddings),
-`decoder.onnx` (embeddings, mask, positions and the per-layer KV cache -> logits and the new cache), the token
-embedding table `embeddings.safetensors`, the teacher tokenizer under `tokenizer/`, and `runtime.json` (layout
-token ids, schema, temperatures, vocabulary map).
+A bundle (see `edgeqa_runtime.bundle`) holds `vision.onnx` (pixels -> prefix embeddings), `decoder.onnx`
+(embeddings, mask, positions and the per-layer KV cache -> logits and the new cache), the token embeddings
+`embeddings.safetensors`, the pruned-vocabulary tokenizer `tokenizer.json`, and `runtime.json` (layout token
+ids, schema, temperatures, the operating threshold on P(defective)). Every file is checked against
+`manifest.json` before anything is loaded.
 
 `OrtStudent` answers like the PyTorch student (same contexts, first-token and sequence scoring, greedy reason
 with the KV cache) and takes the same arguments as every other answerer: `top_k` soft targets at the verdict and
-at each generated reason position, and `strict` (no stop before a few reason tokens). One image at a time.
+at each generated reason position, and `strict` (no stop before a few reason tokens). The image prefix runs once
+per image: its KV cache is reused for the type and location fields and for the reason.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -20,17 +23,16 @@ from typing import Any
 
 import numpy as np
 
+from edgeqa_runtime.bundle import BundleError, verify
 from edgeqa_runtime.files import folder_fingerprint
 from edgeqa_runtime.preprocess import pixels
 from edgeqa_runtime.schema import Answer, AnswerSchema
 
 VISION, DECODER, EMBEDDINGS, RUNTIME, TOKENIZER = ("vision.onnx", "decoder.onnx", "embeddings.safetensors",
-                                                   "runtime.json", "tokenizer")
+                                                   "runtime.json", "tokenizer.json")
 STRICT_MIN_REASON_TOKENS = 3  # the stricter retry forbids stopping before this many reason tokens
 
-
-class ExportError(RuntimeError):
-    """An export folder that cannot be used; the message names the file."""
+ExportError = BundleError  # the name earlier code used
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -43,29 +45,43 @@ def _topk(position: str, logprobs: np.ndarray, k: int) -> dict[str, Any]:
     return {"position": position, "ids": [int(i) for i in idx], "logprobs": [round(float(logprobs[i]), 5) for i in idx]}
 
 
-class OrtStudent:
-    """The exported student in onnxruntime. Answers one image at a time."""
+def session(path: Path, threads: int) -> Any:
+    """An onnxruntime CPU session for one graph, with a message that names the file when it cannot load."""
+    import onnxruntime as ort
 
-    def __init__(self, folder: Path, threads: int = 2):
-        import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types (opset, IR version, bad graph)
+        raise BundleError(f"{path}: onnxruntime {ort.__version__} cannot load this graph ({exc}); the opset or "
+                          "IR version may be newer than this runtime supports: install the edgeqa-runtime "
+                          "that matches the bundle") from None
+
+
+class OrtStudent:
+    """The student of an edge bundle in onnxruntime. Answers one image at a time (batch 1 is the edge case)."""
+
+    def __init__(self, folder: Path, threads: int = 2, verify_files: bool = True):
         from safetensors.numpy import load_file
         from tokenizers import Tokenizer
 
         folder = Path(folder)
-        for name in (VISION, DECODER, EMBEDDINGS, RUNTIME, f"{TOKENIZER}/tokenizer.json"):
-            if not (folder / name).is_file():
-                raise ExportError(f"{folder / name} is missing: export the student first (edgeqa.student.export)")
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
+        self.manifest = verify(folder) if verify_files else {}
         self.folder = folder
-        self.vision = ort.InferenceSession(str(folder / VISION), so, providers=["CPUExecutionProvider"])
-        self.decoder = ort.InferenceSession(str(folder / DECODER), so, providers=["CPUExecutionProvider"])
+        self.vision = session(folder / VISION, threads)
+        self.decoder = session(folder / DECODER, threads)
+        self._out_names = [o.name for o in self.decoder.get_outputs()]
         self.emb = load_file(str(folder / EMBEDDINGS))["embeddings"]
-        self.rt = json.loads((folder / RUNTIME).read_text())
-        self.L = self.rt["layout"]
-        self._schema = AnswerSchema(types=tuple(self.rt["types"]), locations=tuple(self.rt["locations"]))
-        self.base_tok = Tokenizer.from_file(str(folder / TOKENIZER / "tokenizer.json"))
-        self.keep = self.rt["vocab_map"]
+        try:
+            self.rt = json.loads((folder / RUNTIME).read_text())
+            self.L = self.rt["layout"]
+            self._schema = AnswerSchema(types=tuple(self.rt["types"]), locations=tuple(self.rt["locations"]))
+            self.threshold = float(self.rt.get("threshold", 0.5))
+        except (KeyError, json.JSONDecodeError) as exc:
+            raise BundleError(f"{folder / RUNTIME}: missing or unreadable key ({exc})") from None
+        self.tok = Tokenizer.from_file(str(folder / TOKENIZER))
         self.fingerprint = folder_fingerprint(folder)
 
     # ------------------------------------------------------------------------------------ the answerer API
@@ -73,7 +89,7 @@ class OrtStudent:
         return self._schema
 
     def parameters(self) -> int | None:
-        """The student's parameter count, recorded by the export (None for an export that predates it)."""
+        """The student's parameter count, recorded by the export."""
         n = self.rt.get("parameters")
         return None if n is None else int(n)
 
@@ -91,8 +107,7 @@ class OrtStudent:
         feeds = {"inputs_embeds": embeds.astype(np.float32), "attention_mask": np.ones((1, p + t), np.int64),
                  "position_ids": np.arange(p, p + t, dtype=np.int64)[None], **past}
         outs = self.decoder.run(None, feeds)
-        names = [o.name for o in self.decoder.get_outputs()]
-        present = {n.replace("present_", "past_"): v for n, v in zip(names[1:], outs[1:])}
+        present = {n.replace("present_", "past_"): v for n, v in zip(self._out_names[1:], outs[1:])}
         return outs[0], present
 
     def _ids(self, ids: list[int]) -> np.ndarray:
@@ -104,18 +119,20 @@ class OrtStudent:
         (each continuation run on the context's cache). Normalised over the options."""
         first = _log_softmax(ctx_logits)
         if len({o[0] for o in options}) == len(options):
-            s = np.array([first[o[0]] for o in options])
-        else:
-            s = []
-            for o in options:
-                total = first[o[0]]
-                if len(o) > 1:
-                    lg, _ = self._run(self._ids(o[:-1]), past)
-                    lp = _log_softmax(lg[0])
-                    total += sum(lp[k, o[k + 1]] for k in range(len(o) - 1))
-                s.append(total)
-            s = np.array(s)
-        return _log_softmax(s)
+            return _log_softmax(np.array([first[o[0]] for o in options]))
+        totals: list[float] = []
+        for o in options:
+            total = float(first[o[0]])
+            if len(o) > 1:
+                lg, _ = self._run(self._ids(o[:-1]), past)
+                lp = _log_softmax(lg[0])
+                total += float(sum(lp[k, o[k + 1]] for k in range(len(o) - 1)))
+            totals.append(total)
+        return _log_softmax(np.array(totals))
+
+    def _continue(self, past: dict[str, np.ndarray], ids: list[int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Run token ids after a cached context; the context's cache is left as it was (reused by the caller)."""
+        return self._run(self._ids(ids), past)
 
     # ---------------------------------------------------------------------------------------- answers
     def answer(self, pixels: np.ndarray, max_reason_tokens: int, top_k: int = 1, strict: bool = False
@@ -125,12 +142,13 @@ class OrtStudent:
         img = self.vision.run(None, {"pixels": pixels.astype(np.float32)})[0]
         prefix = np.concatenate([self._ids(L["pre"]), img, self._ids(L["post"])], 1)
         tail_v = L["field_ids"]["verdict"]
+        # The image prefix and the verdict field run once; every later field continues from this cache.
         logits, past = self._run(np.concatenate([prefix, self._ids(tail_v)], 1), self._empty_past())
         soft = [_topk("verdict", _log_softmax(logits[0, -1]), top_k)]
         v = self._option_logprobs(logits[0, -1], past, L["options"]["verdict"])
         d = float(v[1] - v[0])
         p_def = float(1 / (1 + np.exp(-d / self.rt["verdict_temperature"])))
-        verdict = "defective" if p_def >= 0.5 else "good"
+        verdict = "defective" if p_def >= self.threshold else "good"
         opts = schema.options()
 
         def opt(f: str, value: str | None) -> list[int]:
@@ -138,25 +156,23 @@ class OrtStudent:
 
         types = list(schema.types)
         type_pick, type_probs = None, {}
-        tail_t = tail_v + opt("verdict", "defective") + L["field_ids"]["type"]
+        tail_t = opt("verdict", "defective") + L["field_ids"]["type"]
         if types:
-            lg, pst = self._run(self._ids(tail_t[len(tail_v):]), past)
+            lg, pst = self._continue(past, tail_t)
             tl = self._option_logprobs(lg[0, -1], pst, L["options"]["type"][:len(types)])
-            z = tl / self.rt["type_temperature"]
-            tp = np.exp(_log_softmax(z))
+            tp = np.exp(_log_softmax(tl / self.rt["type_temperature"]))
             type_probs = {t: float(x) for t, x in zip(types, tp)}
             type_pick = types[int(tp.argmax())]
         loc, loc_probs = None, {}
         if schema.locations:
-            tail_l = tail_t + opt("type", type_pick) + L["field_ids"]["location"]
-            lg, pst = self._run(np.concatenate([prefix, self._ids(tail_l)], 1), self._empty_past())
+            lg, pst = self._continue(past, tail_t + opt("type", type_pick) + L["field_ids"]["location"])
             ll = self._option_logprobs(lg[0, -1], pst, L["options"]["location"])
             loc_probs = {o: float(x) for o, x in zip(opts["location"], np.exp(ll))}
             loc = schema.locations[int(ll[:len(schema.locations)].argmax())]
         t_ans, l_ans = (None, None) if verdict == "good" else (type_pick, loc)
-        tail_r = (tail_v + opt("verdict", verdict) + L["field_ids"]["type"] + opt("type", t_ans)
+        tail_r = (opt("verdict", verdict) + L["field_ids"]["type"] + opt("type", t_ans)
                   + L["field_ids"]["location"] + opt("location", l_ans) + L["field_ids"]["reason"])
-        logits, past = self._run(np.concatenate([prefix, self._ids(tail_r)], 1), self._empty_past())
+        logits, past = self._continue(past, tail_r)
         gen: list[int] = []
         stops = list(L["stops"])
         min_tokens = min(STRICT_MIN_REASON_TOKENS, max_reason_tokens) if strict else 0
@@ -170,9 +186,8 @@ class OrtStudent:
                 break
             soft.append(_topk(f"reason:{step}", _log_softmax(scores), top_k))
             gen.append(nxt)
-            logits, past = self._run(self._ids([nxt]), past)
-        pruned = len(self.keep)
-        reason = self.base_tok.decode([self.keep[i] for i in gen if i != pruned], skip_special_tokens=True).strip()
+            logits, past = self._continue(past, [nxt])
+        reason = self.tok.decode(gen, skip_special_tokens=True).strip()
         a = Answer(verdict, t_ans, l_ans, reason)
         return {"answer": asdict(a), "p_defective": p_def, "p_defective_lm": None, "type_probs": type_probs,
                 "location_probs": loc_probs, "soft_targets": soft, "generated_tokens": len(gen),
@@ -180,4 +195,11 @@ class OrtStudent:
 
     def predict_paths(self, paths: Sequence[str], max_reason_tokens: int, top_k: int = 1, strict: bool = False
                       ) -> list[dict[str, Any]]:
-        return [self.answer(pixels([p], self.rt["image_size"]), max_reason_tokens, top_k, strict) for p in paths]
+        """One record per image file; `latency_ms` runs from the file read to the answer (decoding included)."""
+        out = []
+        for p in paths:
+            t0 = time.perf_counter()
+            rec = self.answer(pixels([p], self.rt["image_size"]), max_reason_tokens, top_k, strict)
+            rec["latency_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+            out.append(rec)
+        return out

@@ -16,18 +16,20 @@ from edgeqa.config.schema import (
     ParamsError,
     PasteConfig,
     PathsConfig,
+    QuantizeConfig,
     SFTConfig,
     StudentConfig,
     StudentStageConfig,
     SynthCategory,
     SynthConfig,
     TeacherConfig,
+    ThresholdRule,
     ValidateConfig,
     load_params,
     parse_params,
 )
 
 __all__ = ["GRID_WORDS", "SPLITS", "BaseLMConfig", "DecoderConfig", "DistillConfig", "EvaluateConfig", "IngestConfig",
-           "LabelConfig", "MaskFactsConfig", "Params", "ParamsError", "PasteConfig", "PathsConfig", "SFTConfig",
-           "StudentConfig", "StudentStageConfig", "SynthCategory", "SynthConfig", "TeacherConfig", "ValidateConfig",
-           "load_params", "parse_params"]
+           "LabelConfig", "MaskFactsConfig", "Params", "ParamsError", "PasteConfig", "PathsConfig", "QuantizeConfig",
+           "SFTConfig", "StudentConfig", "StudentStageConfig", "SynthCategory", "SynthConfig", "TeacherConfig",
+           "ThresholdRule", "ValidateConfig", "load_params", "parse_params"]

@@ -362,6 +362,31 @@ class EvaluateConfig(_Section):
         return v
 
 
+class ThresholdRule(_Section):
+    """The operating threshold on P(defective) the bundle ships, fitted on `val`: `max_miss_rate` (the highest
+    threshold whose val miss rate is at most `max_miss_rate`) or `fixed` (`value`)."""
+
+    rule: Literal["max_miss_rate", "fixed"]
+    max_miss_rate: Fraction
+    value: Fraction
+
+
+class QuantizeConfig(_Section):
+    """Stage `quantize`: ONNX export of the source student, INT8 (static QDQ, per-channel) of each graph that
+    keeps answer agreement with FP32 on `val`, and the edge bundle."""
+
+    source: Literal["best", "baseline", "sft", "distill"]  # best: the student with the highest val AUROC
+    op_types: list[Literal["MatMul", "Gemm", "Conv"]] = Field(min_length=1)  # what INT8 may touch
+    per_channel: bool
+    calibration_images: int = Field(ge=1, le=10_000)  # from the labelled (training) split only
+    min_agreement: Fraction  # INT8 answers vs FP32 on val: same verdict, type and location
+    max_reason_tokens: int = Field(ge=1, le=256)
+    threshold: ThresholdRule
+    bootstrap: int = Field(ge=0, le=100_000)
+    seed: int = Field(ge=0)
+    threads: int = Field(ge=1, le=64)
+
+
 class Params(_Section):
     paths: PathsConfig
     base_lm: BaseLMConfig
@@ -374,6 +399,7 @@ class Params(_Section):
     student: StudentConfig
     sft: SFTConfig
     distill: DistillConfig
+    quantize: QuantizeConfig
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:

@@ -159,10 +159,15 @@ def render(model: str, split: str, m: dict[str, Any]) -> str:
 
 
 def load_answerer(folder: Path, threads: int = 2) -> Answerer:
-    """The model a folder holds: a student, or a teacher (local, or an hf / openai backend descriptor)."""
+    """The model a folder holds: an edge bundle (run by the edge runtime, as on the device), a student, or a
+    teacher (local, or an hf / openai backend descriptor)."""
     from edgeqa.student.model import Student, is_student_folder
     from edgeqa.teacher.local import load_teacher
+    from edgeqa_runtime.bundle import MANIFEST
+    from edgeqa_runtime.session import OrtStudent
 
+    if (folder / MANIFEST).is_file():
+        return OrtStudent(folder, threads)
     if is_student_folder(folder):
         return Student(folder, threads)
     return load_teacher(folder, threads)

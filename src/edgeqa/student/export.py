@@ -5,8 +5,10 @@ Two graphs, exported separately with the dynamo exporter (`torch.onnx.export(dyn
 - `decoder.onnx`: inputs_embeds (B, T, hidden), attention_mask (B, P+T), position_ids (B, T) and the KV cache
   of the P earlier positions (past_key_i / past_value_i per layer) -> logits (B, T, V) and the updated cache
   (present_key_i / present_value_i). Dynamic B, T and P.
-The token embedding table goes beside them as `embeddings.safetensors`, and `runtime.json` holds the layout
-(token ids of the prompt, fields and options), the schema, the temperatures and the vocabulary map.
+The token embedding table goes beside them as `embeddings.safetensors`, `tokenizer.json` is a tokenizer of the
+pruned vocabulary only (built with the `tokenizers` library: student ids in, text out), and `runtime.json` holds
+the layout (token ids of the prompt, fields and options), the schema, the temperatures and the operating
+threshold. `manifest.json` (`edgeqa_runtime.bundle`) hashes every file, so the folder is an edge bundle.
 
 `OrtStudent` (in the runtime) answers from these files like `edgeqa.student.model.Student`.
 """
@@ -20,7 +22,29 @@ from typing import Any
 import numpy as np
 
 from edgeqa.io import atomic_dir
+from edgeqa_runtime.bundle import write_manifest
 from edgeqa_runtime.session import DECODER, EMBEDDINGS, RUNTIME, TOKENIZER, VISION
+
+PRUNED_TOKEN = "<pruned>"  # the student's last id: any teacher token outside the vocabulary
+
+
+def pruned_tokenizer(base_tok: Any, vocab_map: list[int]) -> Any:
+    """A `tokenizers.Tokenizer` over the pruned vocabulary: student id i is teacher token `vocab_map[i]`, the
+    last id is `<pruned>`. It decodes student ids to the text the teacher's tokenizer gives (same byte-level
+    decoder; special tokens stay special) and encodes only words made of kept tokens."""
+    from tokenizers import AddedToken, Tokenizer, models
+
+    backend = base_tok.backend_tokenizer
+    tokens = base_tok.convert_ids_to_tokens(list(vocab_map))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    vocab[PRUNED_TOKEN] = len(tokens)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=PRUNED_TOKEN))
+    tok.pre_tokenizer = backend.pre_tokenizer
+    tok.decoder = backend.decoder
+    special = {str(t) for t in base_tok.all_special_tokens}
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens if t in special]
+                           + [AddedToken(PRUNED_TOKEN, special=True, normalized=False)])
+    return tok
 
 
 def _decoder_dims(cfg: Any) -> tuple[int, int, int]:
@@ -31,8 +55,11 @@ def _decoder_dims(cfg: Any) -> tuple[int, int, int]:
     return cfg.num_hidden_layers, heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
-def export(student_dir: Path, out: Path, image_size: int | None = None) -> dict[str, Any]:
-    """Export a saved student folder to `out` (vision.onnx, decoder.onnx, embeddings, runtime.json)."""
+def export(student_dir: Path, out: Path, image_size: int | None = None, threshold: float = 0.5,
+           **manifest: Any) -> dict[str, Any]:
+    """Export a saved student folder to the bundle folder `out` (vision.onnx, decoder.onnx, embeddings,
+    tokenizer.json, runtime.json, manifest.json). `threshold` is the operating point on P(defective);
+    `manifest` adds facts to manifest.json (e.g. the source model)."""
     import torch
     from safetensors.numpy import save_file
     from transformers import AutoTokenizer, DynamicCache
@@ -99,13 +126,13 @@ def export(student_dir: Path, out: Path, image_size: int | None = None) -> dict[
                           optimize=True)
         emb = model.decoder.get_input_embeddings().weight.detach().float().numpy()
         save_file({"embeddings": np.ascontiguousarray(emb)}, str(tmp / EMBEDDINGS))
-        base_tok.save_pretrained(tmp / TOKENIZER)
+        pruned_tokenizer(base_tok, cfg.vocab_map).save(str(tmp / TOKENIZER))
         runtime = {"image_size": s, "parameters": count_parameters(model), "layers": n_layers, "kv_heads": kv_heads,
-                   "head_dim": head_dim,
-                   "vocab_map": cfg.vocab_map, "types": cfg.types, "locations": cfg.locations,
+                   "head_dim": head_dim, "threshold": threshold, "types": cfg.types, "locations": cfg.locations,
                    "verdict_temperature": cfg.verdict_temperature, "type_temperature": cfg.type_temperature,
                    "layout": {"pre": layout.pre, "post": layout.post, "field_ids": layout.field_ids,
                               "options": layout.options, "end": layout.end, "stops": layout.stops}}
         (tmp / RUNTIME).write_text(json.dumps(runtime) + "\n")
+        write_manifest(tmp, graphs={"vision": "fp32", "decoder": "fp32"}, **manifest)
     return {"files": sorted(q.name for q in out.iterdir()),
             "bytes": {q.name: q.stat().st_size for q in out.iterdir() if q.is_file()}}

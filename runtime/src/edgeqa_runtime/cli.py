@@ -1,0 +1,121 @@
+"""`edgeqa-edge predict --bundle DIR IMAGE_OR_FOLDER [--out FILE.jsonl]`: the device-side command.
+
+One JSON object per image: path, verdict, type, location, reason, P(defective), the type and location
+distributions and the latency (file read to answer, decoding and the reason included). A folder is walked
+recursively (image extensions only, sorted) with a progress bar on stderr. An image that does not decode gets
+its own line with `error` and the rest are still answered. The bundle is verified (every file's SHA-256)
+before anything is loaded.
+
+Exit status: 0 every image answered; 1 some images could not be read (each named in the output);
+2 the bundle or the arguments were refused (the message names the file).
+`edgeqa predict` in a full install takes the same arguments and calls `predict` here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+from edgeqa_runtime.bundle import BundleError
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def images_in(target: Path) -> list[Path]:
+    """The image files to answer: the file itself, or every image under a folder (sorted, recursive)."""
+    if target.is_file():
+        return [target]
+    if target.is_dir():
+        return sorted(p for p in target.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    raise FileNotFoundError(f"{target}: no such image or folder")
+
+
+def record(path: Path, pred: dict[str, Any], bundle_id: str) -> dict[str, Any]:
+    a = pred["answer"]
+    return {"path": str(path), "verdict": a["verdict"], "type": a["defect_type"], "location": a["location"],
+            "reason": a["reason"], "p_defective": round(pred["p_defective"], 6),
+            "type_probs": {k: round(v, 6) for k, v in pred["type_probs"].items()},
+            "location_probs": {k: round(v, 6) for k, v in pred["location_probs"].items()},
+            "latency_ms": pred["latency_ms"], "bundle": bundle_id}
+
+
+def answers(bundle: Path, paths: list[Path], threads: int = 1, max_reason_tokens: int | None = None,
+            progress: bool = True) -> Iterator[dict[str, Any]]:
+    """One output record per path, in order; an image that cannot be read yields {"path", "error"}."""
+    from PIL import UnidentifiedImageError
+    from tqdm import tqdm
+
+    from edgeqa_runtime.session import OrtStudent
+
+    model = OrtStudent(bundle, threads)
+    n_tokens = int(max_reason_tokens or model.rt.get("max_reason_tokens", 40))
+    bundle_id = model.manifest.get("version") or model.fingerprint
+    for p in tqdm(paths, desc="predict", unit="img", disable=not progress or len(paths) < 2, file=sys.stderr):
+        try:
+            pred = model.predict_paths([str(p)], n_tokens)[0]
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            yield {"path": str(p), "error": f"cannot read the image: {type(exc).__name__}: {exc}"}
+            continue
+        yield record(p, pred, bundle_id)
+
+
+def predict(bundle: Path, target: Path, out: Path | None = None, threads: int = 1,
+            max_reason_tokens: int | None = None, progress: bool = True, stdout: TextIO | None = None) -> int:
+    """Answer an image or a folder with a bundle; JSON lines to `out` (written to a temp name, then renamed)
+    or to stdout. Returns the exit status (0 all answered, 1 some images unreadable)."""
+    paths = images_in(Path(target))
+    if not paths:
+        raise FileNotFoundError(f"{target}: no images (extensions {', '.join(IMAGE_EXTS)})")
+    failed = 0
+
+    def write_all(sink: TextIO) -> None:
+        nonlocal failed
+        for rec in answers(Path(bundle), paths, threads, max_reason_tokens, progress):
+            failed += "error" in rec
+            sink.write(json.dumps(rec) + "\n")
+            sink.flush()
+
+    if out is None:
+        write_all(stdout or sys.stdout)
+    else:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        try:
+            with open(tmp, "w") as f:
+                write_all(f)
+            os.replace(tmp, out)  # published only when every image has its line
+        finally:
+            tmp.unlink(missing_ok=True)
+    if failed:
+        print(f"{failed} of {len(paths)} images could not be read (see their 'error' lines)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="edgeqa-edge", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("predict", help="answer an image or every image in a folder with an edge bundle")
+    p.add_argument("--bundle", required=True, type=Path, help="the edge bundle folder")
+    p.add_argument("target", type=Path, metavar="IMAGE_OR_FOLDER")
+    p.add_argument("--out", type=Path, help="write JSON lines here (default: stdout)")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    p.add_argument("--max-reason-tokens", type=int, help="cap on the reason (default: the bundle's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    a = ap.parse_args(argv)
+    try:
+        code = predict(a.bundle, a.target, a.out, a.threads, a.max_reason_tokens, not a.no_progress)
+    except (BundleError, FileNotFoundError) as exc:
+        print(f"edgeqa-edge: error: {exc}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
