@@ -101,12 +101,16 @@ class OrtStudent:
         z = np.zeros((1, self.rt["kv_heads"], 0, self.rt["head_dim"]), np.float32)
         return {f"past_{k}_{i}": z for i in range(self.rt["layers"]) for k in ("key", "value")}
 
-    def _run(self, embeds: np.ndarray, past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    @staticmethod
+    def feeds(embeds: np.ndarray, past: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The decoder's inputs for `embeds` (B, T, hidden) after a cache of P positions (no padding)."""
+        b, t = embeds.shape[0], embeds.shape[1]
         p = next(iter(past.values())).shape[2]
-        t = embeds.shape[1]
-        feeds = {"inputs_embeds": embeds.astype(np.float32), "attention_mask": np.ones((1, p + t), np.int64),
-                 "position_ids": np.arange(p, p + t, dtype=np.int64)[None], **past}
-        outs = self.decoder.run(None, feeds)
+        return {"inputs_embeds": embeds.astype(np.float32, copy=False), "attention_mask": np.ones((b, p + t), np.int64),
+                "position_ids": np.broadcast_to(np.arange(p, p + t, dtype=np.int64), (b, t)), **past}
+
+    def _run(self, embeds: np.ndarray, past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        outs = self.decoder.run(None, self.feeds(embeds, past))
         present = {n.replace("present_", "past_"): v for n, v in zip(self._out_names[1:], outs[1:])}
         return outs[0], present
 
@@ -116,19 +120,24 @@ class OrtStudent:
     def _option_logprobs(self, ctx_logits: np.ndarray, past: dict[str, np.ndarray], options: list[list[int]]
                          ) -> np.ndarray:
         """Options scored after a context: first token when the first tokens are distinct, else whole sequences
-        (each continuation run on the context's cache). Normalised over the options."""
+        (the continuations run on the context's cache, one batched call per option length). Normalised over the
+        options."""
         first = _log_softmax(ctx_logits)
         if len({o[0] for o in options}) == len(options):
             return _log_softmax(np.array([first[o[0]] for o in options]))
-        totals: list[float] = []
-        for o in options:
-            total = float(first[o[0]])
+        totals = np.array([float(first[o[0]]) for o in options])
+        by_len: dict[int, list[int]] = {}
+        for i, o in enumerate(options):
             if len(o) > 1:
-                lg, _ = self._run(self._ids(o[:-1]), past)
-                lp = _log_softmax(lg[0])
-                total += float(sum(lp[k, o[k + 1]] for k in range(len(o) - 1)))
-            totals.append(total)
-        return _log_softmax(np.array(totals))
+                by_len.setdefault(len(o), []).append(i)
+        for n, idx in by_len.items():  # one decoder call per option length: the options are the batch
+            tiled = {k: np.repeat(v, len(idx), axis=0) for k, v in past.items()}
+            embeds = np.stack([self.emb[np.asarray(options[i][:-1], np.int64)] for i in idx])
+            lg, _ = self._run(embeds, tiled)
+            lp = _log_softmax(lg)
+            for row, i in enumerate(idx):
+                totals[i] += float(sum(lp[row, k, options[i][k + 1]] for k in range(n - 1)))
+        return _log_softmax(totals)
 
     def _continue(self, past: dict[str, np.ndarray], ids: list[int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Run token ids after a cached context; the context's cache is left as it was (reused by the caller)."""

@@ -80,11 +80,7 @@ class _Recording(OrtStudent):
         return super().answer(pixels, max_reason_tokens, top_k, strict)
 
     def _run(self, embeds: np.ndarray, past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        p = next(iter(past.values())).shape[2]
-        t = embeds.shape[1]
-        self.decoder_feeds.append({"inputs_embeds": embeds.astype(np.float32),
-                                   "attention_mask": np.ones((1, p + t), np.int64),
-                                   "position_ids": np.arange(p, p + t, dtype=np.int64)[None], **past})
+        self.decoder_feeds.append(self.feeds(embeds, past))
         return super()._run(embeds, past)
 
 
