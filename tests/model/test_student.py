@@ -198,6 +198,19 @@ def test_bad_lora_targets_name_the_key(tiny_params):
         apply_lora(p.student, model)
 
 
+def test_a_grid_that_does_not_pool_the_trunk_map_evenly_is_refused_naming_the_keys():
+    """At 128 px the trunk's map is 8x8: grid 7 trains but cannot export (non-uniform adaptive pooling), so the
+    student is refused when built, before any training; grid 4 is accepted."""
+    from edgeqa.student.model import StudentModel, StudentModelConfig, decoder_config_dict
+
+    dec = decoder_config_dict("llama", 10, 16, 1, 2, 32, 64, 9, 9)
+    with pytest.raises(StageError, match=r"student\.image_size 128 .*student\.grid 7 .*a grid in \[1, 2, 4, 8\]"):
+        StudentModel(StudentModelConfig(image_size=128, grid=7, vocab_map=list(range(9)), decoder=dec))
+    with pytest.raises(StageError, match=r"multiple of 16"):
+        StudentModel(StudentModelConfig(image_size=100, grid=2, vocab_map=list(range(9)), decoder=dec))
+    assert StudentModel(StudentModelConfig(image_size=128, grid=4, vocab_map=list(range(9)), decoder=dec))
+
+
 # --------------------------------------------------------------------------------------------------- ONNX
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_onnx_export_answers_like_pytorch(arch, tiny_params, base_lm_dir, tiny_teacher, tiny_manifest, tiny_labels,

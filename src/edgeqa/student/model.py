@@ -29,7 +29,23 @@ from edgeqa.vlm.model import Projector, ProjectorConfig
 from edgeqa_runtime.schema import AnswerSchema
 
 LITE0_CHANNELS = (16, 24, 24, 40, 40, 80, 80, 80, 112, 112, 112, 192, 192, 192, 192, 320)  # block outputs
+LITE0_STRIDES = (2, 4, 4, 8, 8, 16, 16, 16, 16, 16, 16, 32, 32, 32, 32, 32)  # block outputs, against the input
 TOKENIZER_DIR = "tokenizer"  # the teacher tokenizer, saved beside the weights
+
+
+def check_geometry(vision_blocks: int, image_size: int, grid: int) -> None:
+    """The trunk's map must pool evenly into the grid: the ONNX export (and so the edge bundle) takes only
+    uniform pooling windows. Checked when a student is built, so a bad combination stops the first training
+    stage, not `quantize` after all training."""
+    stride = LITE0_STRIDES[vision_blocks - 1]
+    side = image_size // stride
+    if image_size % stride or side % grid:
+        ok = [g for g in range(1, side + 1) if side % g == 0] if image_size % stride == 0 else []
+        raise StageError(
+            f"student.image_size {image_size} with student.vision_blocks {vision_blocks} gives a "
+            f"{image_size / stride:g}x{image_size / stride:g} map (stride {stride}), which student.grid {grid} does "
+            f"not divide: the edge export needs uniform pooling. Use an image_size that is a multiple of {stride}, "
+            + (f"and at {image_size} px a grid in {ok}." if ok else "and a grid that divides image_size/stride."))
 
 
 class StudentModelConfig(PretrainedConfig):
@@ -113,6 +129,7 @@ class StudentModel(PreTrainedModel):
         super().__init__(config)
         from transformers import AutoModelForCausalLM
 
+        check_geometry(config.vision_blocks, config.image_size, config.grid)
         self.vision = VisionTrunk(config.vision_blocks)
         self.projector = Projector(ProjectorConfig(in_dim=config.feature_dim, n_tokens=config.grid * config.grid,
                                                    lm_hidden=_hidden(config.decoder), hidden=config.projector_hidden))
