@@ -59,6 +59,8 @@ def _params_of_stage(repo) -> dict[str, list[str]]:
 @pytest.mark.parametrize("profile", ["mtile", "full"])
 def test_applying_a_profile_makes_dvc_status_list_exactly_the_stages_whose_params_changed(tmp_path, tiny_repo,
                                                                                             profile):
+    if profile == "mtile" and not mtile_root().is_dir():  # its ingest dep is the dataset folder itself
+        pytest.skip(f"the magnetic-tile dataset is not at {mtile_root()} (EDGEQA_MTILE_ROOT)")
     repo = tmp_path / "r"
     shutil.copytree(tiny_repo, repo, symlinks=True)
     # the copy sees the dataset where the profile resolves it (../shared/... unless EDGEQA_MTILE_ROOT says so)
