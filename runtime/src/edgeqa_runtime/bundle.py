@@ -87,7 +87,8 @@ def verify(folder: Path) -> dict[str, Any]:
             raise BundleError(f"{p} is listed in {MANIFEST} but missing: the bundle is incomplete")
         if p.stat().st_size != entry.get("bytes") or sha256_file(p) != entry.get("sha256"):
             raise BundleError(f"{p} does not match its SHA-256 in {MANIFEST}: the file was altered or corrupted")
-    extra = sorted(set(file_entries(folder)) - set(listed))
+    present = {q.relative_to(folder).as_posix() for q in folder.rglob("*") if q.is_file() and q.name != MANIFEST}
+    extra = sorted(present - set(listed))
     if extra:
         raise BundleError(f"{folder / extra[0]} is not listed in {MANIFEST}: a bundle holds only the files its "
                           f"manifest names (unlisted: {extra})")

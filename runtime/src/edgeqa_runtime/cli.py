@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
@@ -48,24 +47,19 @@ def record(path: Path, pred: dict[str, Any], bundle_id: str) -> dict[str, Any]:
 def answers(bundle: Path, paths: list[Path], threads: int = 1, max_reason_tokens: int | None = None,
             progress: bool = True) -> Iterator[dict[str, Any]]:
     """One output record per path, in order; an image that cannot be read yields {"path", "error"}."""
-    from PIL import UnidentifiedImageError
     from tqdm import tqdm
 
-    from edgeqa_runtime.preprocess import pixels
-    from edgeqa_runtime.session import OrtStudent
+    from edgeqa_runtime.session import ImageReadError, OrtStudent
 
     model = OrtStudent(bundle, threads)
     n_tokens = int(max_reason_tokens or model.rt.get("max_reason_tokens", 40))
     bundle_id = model.manifest.get("version") or model.fingerprint
     for p in tqdm(paths, desc="predict", unit="img", disable=not progress or len(paths) < 2, file=sys.stderr):
-        t0 = time.perf_counter()
-        try:  # only reading and decoding the file is the image's fault; a model error is not caught here
-            x = pixels([str(p)], int(model.rt["image_size"]))
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            yield {"path": str(p), "error": f"cannot read the image: {type(exc).__name__}: {exc}"}
+        try:  # only reading and decoding the file is the image's fault; a model error propagates
+            pred = model.predict_file(p, n_tokens)
+        except ImageReadError as exc:
+            yield {"path": str(p), "error": str(exc)}
             continue
-        pred = model.answer(x, n_tokens)
-        pred["latency_ms"] = round((time.perf_counter() - t0) * 1000, 3)
         yield record(p, pred, bundle_id)
 
 

@@ -35,6 +35,10 @@ STRICT_MIN_REASON_TOKENS = 3  # the stricter retry forbids stopping before this 
 ExportError = BundleError  # the name earlier code used
 
 
+class ImageReadError(ValueError):
+    """An image file that cannot be read or decoded; the message names the file."""
+
+
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     m = x.max(-1, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
@@ -202,13 +206,22 @@ class OrtStudent:
                 "location_probs": loc_probs, "soft_targets": soft, "generated_tokens": len(gen),
                 "anomaly_score": None}
 
+    def predict_file(self, path: str | Path, max_reason_tokens: int, top_k: int = 1, strict: bool = False
+                     ) -> dict[str, Any]:
+        """One image file's record; `latency_ms` runs from the file read to the answer (decoding included).
+        A file that cannot be read or decoded raises `ImageReadError` naming it; model errors propagate."""
+        from PIL import UnidentifiedImageError
+
+        t0 = time.perf_counter()
+        try:
+            x = pixels([path], int(self.rt["image_size"]))
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise ImageReadError(f"{path}: cannot read the image: {type(exc).__name__}: {exc}") from exc
+        rec = self.answer(x, max_reason_tokens, top_k, strict)
+        rec["latency_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        return rec
+
     def predict_paths(self, paths: Sequence[str], max_reason_tokens: int, top_k: int = 1, strict: bool = False
                       ) -> list[dict[str, Any]]:
-        """One record per image file; `latency_ms` runs from the file read to the answer (decoding included)."""
-        out = []
-        for p in paths:
-            t0 = time.perf_counter()
-            rec = self.answer(pixels([p], self.rt["image_size"]), max_reason_tokens, top_k, strict)
-            rec["latency_ms"] = round((time.perf_counter() - t0) * 1000, 3)
-            out.append(rec)
-        return out
+        """One record per image file (see `predict_file`)."""
+        return [self.predict_file(p, max_reason_tokens, top_k, strict) for p in paths]

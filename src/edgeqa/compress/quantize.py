@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -39,6 +38,7 @@ from edgeqa.evaluation import metrics as M
 from edgeqa.io import atomic_dir, atomic_write_text, write_json
 from edgeqa.report import fmt, md_table
 from edgeqa_runtime.bundle import file_entries, write_manifest
+from edgeqa_runtime.files import folder_fingerprint
 from edgeqa_runtime.preprocess import pixels
 from edgeqa_runtime.session import DECODER, RUNTIME, VISION, OrtStudent
 
@@ -141,14 +141,17 @@ def fit_threshold(y: np.ndarray, p: np.ndarray, rule: ThresholdRule) -> dict[str
             "val_overkill_rate": vm.get("overkill_rate")}
 
 
-def _answers(model: OrtStudent, paths: Sequence[str], max_reason_tokens: int) -> tuple[list[dict[str, Any]], float]:
+def _answers(model: OrtStudent, paths: Sequence[str], max_reason_tokens: int
+             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], float]:
+    """The model's records on `paths`, the closed fields + reason + P of each (what agreement compares), and
+    the seconds it took."""
     t0 = time.perf_counter()
-    recs = []
-    for pr in model.predict_paths(paths, max_reason_tokens):
-        a = pr["answer"]
-        recs.append({"verdict": a["verdict"], "type": a["defect_type"], "location": a["location"],
-                     "reason": a["reason"], "p_defective": pr["p_defective"], "latency_ms": pr["latency_ms"]})
-    return recs, time.perf_counter() - t0
+    raw = model.predict_paths(paths, max_reason_tokens)
+    secs = time.perf_counter() - t0
+    flat = [{"verdict": r["answer"]["verdict"], "type": r["answer"]["defect_type"],
+             "location": r["answer"]["location"], "reason": r["answer"]["reason"], "p_defective": r["p_defective"]}
+            for r in raw]
+    return raw, flat, secs
 
 
 def _assemble(fp32: Path, int8: Path, precision: dict[str, str], dst: Path) -> None:
@@ -167,30 +170,28 @@ def _set_runtime(folder: Path, **kv: Any) -> None:
     (folder / RUNTIME).write_text(json.dumps(rt) + "\n")
 
 
-def _parity(student_dir: Path, fp32: Path, paths: Sequence[str], max_reason_tokens: int, threads: int
-            ) -> dict[str, Any]:
-    """FP32 ONNX against PyTorch on the same images: max abs differences and identical answers."""
+def _parity(student_dir: Path, ort: OrtStudent, paths: Sequence[str], ort_answers: Sequence[dict[str, Any]],
+            max_reason_tokens: int, threads: int) -> dict[str, Any]:
+    """FP32 ONNX (`ort`, whose answers on `paths` are `ort_answers`) against PyTorch on the same images: max abs
+    differences of the image embeddings and of the verdict logits, and the share of identical answers."""
     import torch
 
     from edgeqa.student.model import Student
 
     torch_student = Student(student_dir, threads)
-    ort = OrtStudent(fp32, threads)
     px = pixels(list(paths), int(ort.rt["image_size"]))
     with torch.inference_mode():
         want = torch_student.model.image_embeds(torch.from_numpy(px)).numpy()
     got = np.concatenate([ort.vision.run(None, {"pixels": px[i:i + 1]})[0] for i in range(len(px))])
     L = ort.L
-    ids = L["pre"]
     emb_t = torch_student.model.decoder.get_input_embeddings()
     with torch.inference_mode():
-        ctx = torch.cat([emb_t(torch.tensor([ids])), torch.from_numpy(want[:1]),
+        ctx = torch.cat([emb_t(torch.tensor([L["pre"]])), torch.from_numpy(want[:1]),
                          emb_t(torch.tensor([L["post"] + L["field_ids"]["verdict"]]))], 1)
         lt = torch_student.model.decoder(inputs_embeds=ctx).logits[0, -1].numpy()
     lo, _ = ort._run(ctx.numpy(), ort._empty_past())
     a = torch_student.predict_paths(list(paths), max_reason_tokens)
-    b = ort.predict_paths(list(paths), max_reason_tokens)
-    same = [x["answer"] == y["answer"] for x, y in zip(a, b)]
+    same = [x["answer"] == y["answer"] for x, y in zip(a, ort_answers)]
     return {"max_abs_image_embeds": float(np.abs(want - got).max()),
             "max_abs_verdict_logits": float(np.abs(lt - lo[0, -1]).max()),
             "identical_answers": float(np.mean(same)), "images": len(same)}
@@ -218,7 +219,9 @@ def run(cfg: QuantizeConfig, models_dir: Path, reports_dir: Path, manifest: Path
         w = Path(work)
         fp32, int8 = w / "fp32", w / "int8"
         export(models_dir / source, fp32)
-        res["parity"] = _parity(models_dir / source, fp32, vpaths, cfg.max_reason_tokens, cfg.threads)
+        fp32_model = OrtStudent(fp32, cfg.threads)
+        ref_raw, ref, t_ref = _answers(fp32_model, vpaths, cfg.max_reason_tokens)
+        res["parity"] = _parity(models_dir / source, fp32_model, vpaths, ref_raw, cfg.max_reason_tokens, cfg.threads)
         rec = _Recording(fp32, cfg.threads)
         rec.predict_paths([str(p) for p in calib.path], cfg.max_reason_tokens)
         int8.mkdir()
@@ -226,15 +229,16 @@ def run(cfg: QuantizeConfig, models_dir: Path, reports_dir: Path, manifest: Path
             feeds = rec.vision_feeds if g == "vision" else rec.decoder_feeds
             quantize_graph(fp32 / fname, int8 / fname, feeds, cfg)
         res["decoder_calibration_calls"] = len(rec.decoder_feeds)
-        ref, t_ref = _answers(OrtStudent(fp32, cfg.threads), vpaths, cfg.max_reason_tokens)
         p_ref = np.array([r["p_defective"] for r in ref])
         trials: dict[str, dict[str, Any]] = {}
+        p_by_precision = {tuple(sorted(dict.fromkeys(GRAPHS, "fp32").items())): p_ref}  # val P of each tried mix
 
         def trial(name: str, precision: dict[str, str]) -> dict[str, Any]:
             d = w / f"trial-{name}"
             _assemble(fp32, int8, precision, d)
-            got, secs = _answers(OrtStudent(d, cfg.threads, verify_files=False), vpaths, cfg.max_reason_tokens)
+            _, got, secs = _answers(OrtStudent(d, cfg.threads, verify_files=False), vpaths, cfg.max_reason_tokens)
             p = np.array([r["p_defective"] for r in got])
+            p_by_precision[tuple(sorted(precision.items()))] = p
             ag = M.agreement(ref, got)
             t = {"precision": precision, "agreement": ag["closed_fields"], "verdict_agreement": ag["verdict"],
                  "same_reason": float(np.mean([a["reason"] == b["reason"] for a, b in zip(ref, got)])),
@@ -248,16 +252,14 @@ def run(cfg: QuantizeConfig, models_dir: Path, reports_dir: Path, manifest: Path
         res.update(trials=trials, precision=precision, val_seconds_fp32=round(t_ref, 3))
         chosen = w / "chosen"
         _assemble(fp32, int8, precision, chosen)
-        got, _ = _answers(OrtStudent(chosen, cfg.threads, verify_files=False), vpaths, cfg.max_reason_tokens)
-        thr = fit_threshold(y, np.array([r["p_defective"] for r in got]), cfg.threshold)
+        p_shipped = p_by_precision[tuple(sorted(precision.items()))]  # every choice is a mix already tried
+        thr = fit_threshold(y, p_shipped, cfg.threshold)
         res["threshold"] = thr
-        res["val_auroc_shipped"] = M.auroc(y, np.array([r["p_defective"] for r in got]))
+        res["val_auroc_shipped"] = M.auroc(y, p_shipped)
         with atomic_dir(out) as tmp:
             shutil.copytree(chosen, tmp, dirs_exist_ok=True)
             _set_runtime(tmp, threshold=thr["threshold"], max_reason_tokens=cfg.max_reason_tokens)
-            files = file_entries(tmp)
-            version = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]
-            m = write_manifest(tmp, version=f"{source}-{version}", source=source, graphs=precision,
+            m = write_manifest(tmp, version=f"{source}-{folder_fingerprint(tmp)[:12]}", source=source, graphs=precision,
                                threshold=thr, opset=_opsets(tmp))
         res["fp32_bytes"] = sum(e["bytes"] for e in file_entries(fp32).values())
     res["bundle_bytes"] = sum(e["bytes"] for e in m["files"].values()) + (out / "manifest.json").stat().st_size
