@@ -1,4 +1,4 @@
-"""Stage `quantize`: ONNX export of the source student, INT8 where it keeps the answers, and the edge bundle."""
+"""Stage `quantize`: ONNX export of the pruned student, INT8 where it keeps the answers, and the edge bundle."""
 
 import argparse
 from pathlib import Path
@@ -9,14 +9,13 @@ from edgeqa.stage import output_args, stage_main
 
 
 def _args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--models", required=True, type=Path, help="the models folder (baseline, sft, distill)")
-    ap.add_argument("--reports", required=True, type=Path, help="the reports folder (each student's val AUROC)")
+    ap.add_argument("--src", required=True, type=Path, help="the pruned student folder")
     ap.add_argument("--manifest", required=True, type=Path)
     output_args(ap, "the edge bundle folder to write")
 
 
 def _run(p: Params, a: argparse.Namespace) -> None:
-    quantize.run(p.quantize, a.models, a.reports, a.manifest, a.out, a.metrics, a.report)
+    quantize.run(p.quantize, a.src, a.manifest, a.out, a.metrics, a.report)
 
 
 def main(argv: list[str] | None = None) -> None:

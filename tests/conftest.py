@@ -5,6 +5,7 @@ the `tiny` profile applied, so later issues reuse one tiny pipeline run instead 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -189,6 +190,24 @@ def tiny_students(tiny_params, base_lm_dir, tiny_teacher, tiny_manifest, tiny_la
     """The three tiny-profile students, trained once per session by the real stage functions."""
     return train_students(tiny_params, base_lm_dir, tiny_teacher["dir"], tiny_manifest, tiny_labels,
                           tmp_path_factory.mktemp("students"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pruned(tiny_params, tiny_students, tiny_manifest, tiny_labels, tmp_path_factory) -> dict:
+    """`prune.run` on the tiny students, laid out as dvc.yaml does: models/<student>, reports/<student>/metrics.json."""
+    from edgeqa.compress import prune
+
+    root = tmp_path_factory.mktemp("pruned")
+    (root / "models").mkdir()
+    for name in ("baseline", "sft", "distill"):
+        (root / "models" / name).symlink_to(tiny_students[name])
+        (root / "reports" / name).mkdir(parents=True)
+        (root / "reports" / name / "metrics.json").write_text(json.dumps(tiny_students[f"{name}_metrics"]))
+    res = prune.run(tiny_params.prune, tiny_params.student, root / "models", root / "reports", tiny_manifest,
+                    tiny_labels, tiny_students["features"], root / "models" / "pruned", root / "prune.json",
+                    root / "prune.md", root / "prune_live")
+    return {"dir": root / "models" / "pruned", "res": res, "report": root / "prune.md", "root": root,
+            "live": root / "prune_live"}
 
 
 # ------------------------------------------------------------------------------------ the real stack

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeqa import benchrec
-from edgeqa.compress.quantize import STUDENTS
+from edgeqa.compress.prune import STUDENTS
 from edgeqa.config import load_params
 from edgeqa.project import copy_worktree, load_project_module
 from edgeqa.stack import PORT_KEYS, Stack, StackConfig, free_ports
@@ -140,8 +140,9 @@ def _latency(fn: Any, paths: list[str]) -> dict[str, float]:
 
 def edge_bench(params: Any, root: Path) -> None:
     """reports/bench/edge.json: batch 1, one thread, image file to answer (decoding and the reason included), on
-    a fixed sample of `test` images: the PyTorch source student, its FP32 export and the shipped bundle (INT8
-    where quantize kept it), with the bundle's size. The teacher at batch 1 / one thread on a smaller sample."""
+    a fixed sample of `test` images, every model in one run: the unpruned source student in PyTorch and as an FP32
+    export, the pruned student as an FP32 export, and the shipped bundle (INT8 where quantize kept it). The
+    teacher at batch 1 / one thread on a smaller sample. Each lever gets its own ratio."""
     import json
 
     import pandas as pd
@@ -154,6 +155,7 @@ def edge_bench(params: Any, root: Path) -> None:
     from edgeqa_runtime.session import OrtStudent
 
     bundle = root / params.paths.model_dir("edge")
+    pruned = root / params.paths.model_dir("pruned")
     manifest = root / params.paths.ingest_dir / "manifest.parquet"
     if not (bundle / "manifest.json").is_file() or not manifest.exists():
         print(f"no edge bundle at {bundle}: run `make run` first; edge benchmark skipped")
@@ -167,12 +169,14 @@ def edge_bench(params: Any, root: Path) -> None:
     lat: dict[str, dict[str, float]] = {}
     pt = Student(source, 1)
     lat["pytorch"] = _latency(lambda p: pt.predict_paths([p], n_tok), paths)
+    sizes = {}
     with tempfile.TemporaryDirectory() as tmp:
-        export(source, Path(tmp) / "fp32")
-        fp32 = OrtStudent(Path(tmp) / "fp32", 1)
-        lat["fp32"] = _latency(lambda p: fp32.predict_paths([p], n_tok), paths)
-        fp32_bytes = sum(e["bytes"] for e in json.loads((Path(tmp) / "fp32" / "manifest.json").read_text())
-                         ["files"].values())
+        for name, folder in (("fp32", source), ("fp32_pruned", pruned)):
+            export(folder, Path(tmp) / name)
+            ort = OrtStudent(Path(tmp) / name, 1)
+            lat[name] = _latency(lambda p, o=ort: o.predict_paths([p], n_tok), paths)
+            sizes[name] = sum(e["bytes"] for e in json.loads((Path(tmp) / name / "manifest.json").read_text())
+                              ["files"].values())
     edge = OrtStudent(bundle, 1)
     lat["edge"] = _latency(lambda p: edge.predict_paths([p], n_tok), paths)
     teacher_dir = root / params.paths.model_dir("teacher")
@@ -182,13 +186,22 @@ def edge_bench(params: Any, root: Path) -> None:
     size = sum(e["bytes"] for e in m["files"].values()) + (bundle / "manifest.json").stat().st_size
     cmd = f"make bench: batch 1, 1 thread, {len(paths)} test images (first by sha256), file to answer"
     recs = [benchrec.record("edge:bundle_bytes", size, "bytes", "<= 5 MB", f"every file in {bundle.name}/"),
-            benchrec.record("edge:fp32_export_bytes", fp32_bytes, "bytes", None, "the same student, FP32 graphs")]
+            benchrec.record("edge:fp32_export_bytes", sizes["fp32"], "bytes", None, f"{m['source']}, unpruned, FP32"),
+            benchrec.record("edge:fp32_pruned_export_bytes", sizes["fp32_pruned"], "bytes", None, "pruned, FP32")]
     for k, v in lat.items():
         n = "10 test images" if k == "teacher" else cmd
         recs += [benchrec.record(f"edge:{k}_p50_ms", v["p50"], "ms", "<= 10 ms" if k == "edge" else None, n),
                  benchrec.record(f"edge:{k}_p95_ms", v["p95"], "ms", None, n)]
-    recs.append(benchrec.record("edge:fp32_over_edge_p50", lat["fp32"]["p50"] / lat["edge"]["p50"], "x",
-                                ">= 2 (INT8 vs FP32)", f"graphs {m['graphs']}; same run"))
+    recs.append(benchrec.record("edge:pruned_over_unpruned_p50", lat["fp32_pruned"]["p50"] / lat["fp32"]["p50"], "x",
+                                "<= 0.6 (at about 50 % of the MACs)", "FP32 exports of both, same run"))
+    prune_metrics = root / params.paths.reports_dir / "prune" / "metrics.json"
+    if prune_metrics.is_file():
+        pm = json.loads(prune_metrics.read_text())
+        recs.append(benchrec.record("edge:pruned_over_unpruned_macs", pm["macs_ratio"], "x", "about 0.5",
+                                    f"on-device path, prune step {pm['kept_step']} (reports/prune/metrics.json)"))
+    recs.append(benchrec.record("edge:fp32_over_edge_p50", lat["fp32_pruned"]["p50"] / lat["edge"]["p50"], "x",
+                                ">= 2 (INT8 vs FP32)", f"the pruned student's FP32 export vs the bundle, graphs "
+                                f"{m['graphs']}; same run"))
     if "teacher" in lat:
         recs.append(benchrec.record("edge:teacher_over_edge_p50", lat["teacher"]["p50"] / lat["edge"]["p50"], "x",
                                     ">= 50", "same run"))

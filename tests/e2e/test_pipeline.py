@@ -33,13 +33,21 @@ def test_dvc_repro_runs_the_stages(tiny_repo):
         else:
             cfg = json.loads((tiny_repo / "models" / model / "config.json").read_text())
             assert cfg["model_type"] == "edgeqa_student"
+            if model == "pruned":  # names the student it came from, the one the bundle names too
+                assert cfg["lineage"]["source"] == verify_source(tiny_repo)
         m = json.loads((tiny_repo / "reports" / "evaluate" / model / "metrics.json").read_text())
         assert m["parse_rate"] == 1.0
     table = (tiny_repo / "reports" / "retention" / "report.md").read_text()
-    assert all(f"| {row} |" in table for row in ("teacher", "baseline", "sft", "distill", "edge"))
+    assert all(f"| {row} |" in table for row in ("teacher", "baseline", "sft", "distill", "pruned", "edge"))
     assert dvc(tiny_repo, "status", "--json").stdout.strip() == "{}"
     r = dvc(tiny_repo, "repro")
     assert "didn't change, skipping" in r.stdout or "up to date" in r.stdout
+
+
+def verify_source(repo) -> str:
+    from edgeqa_runtime.bundle import verify
+
+    return verify(repo / "models" / "edge")["source"]
 
 
 def _params_of_stage(repo) -> dict[str, list[str]]:

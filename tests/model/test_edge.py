@@ -16,19 +16,13 @@ from ..conftest import VENV_BIN
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle(tiny_params, tiny_students, tiny_manifest, tmp_path_factory) -> dict:
-    """`quantize.run` on the tiny students: models/<student>, reports/<student>/metrics.json as dvc.yaml lays
-    them out."""
+def tiny_bundle(tiny_params, tiny_pruned, tiny_manifest) -> dict:
+    """`quantize.run` on the tiny pruned student (the real stage functions, as dvc.yaml chains them)."""
     from edgeqa.compress import quantize
 
-    root = tmp_path_factory.mktemp("edge")
-    (root / "models").mkdir()
-    for name in ("baseline", "sft", "distill"):
-        (root / "models" / name).symlink_to(tiny_students[name])
-        (root / "reports" / name).mkdir(parents=True)
-        (root / "reports" / name / "metrics.json").write_text(json.dumps(tiny_students[f"{name}_metrics"]))
-    res = quantize.run(tiny_params.quantize, root / "models", root / "reports", tiny_manifest, root / "edge",
-                       root / "quantize.json", root / "quantize.md")
+    root = tiny_pruned["root"]
+    res = quantize.run(tiny_params.quantize, tiny_pruned["dir"], tiny_manifest, root / "edge", root / "quantize.json",
+                       root / "quantize.md")
     return {"dir": root / "edge", "res": res, "report": root / "quantize.md", "root": root}
 
 
@@ -39,13 +33,13 @@ def _paths(manifest: Path, split: str, n: int) -> list[str]:
     return [str(p) for p in df[df.split == split].path[:n]]
 
 
-def test_quantize_picks_the_best_student_on_val_and_writes_a_verified_bundle(tiny_bundle, tiny_students):
+def test_quantize_takes_the_pruned_student_and_writes_a_verified_bundle(tiny_bundle, tiny_pruned):
     from edgeqa_runtime.bundle import verify
     from edgeqa_runtime.files import sha256_file
 
     res, folder = tiny_bundle["res"], tiny_bundle["dir"]
-    val = {k: tiny_students[f"{k}_metrics"]["val_auroc"] for k in ("baseline", "sft", "distill")}
-    assert val[res["source"]] == max(val.values()), "source best: the highest val AUROC"
+    assert res["source"] == tiny_pruned["res"]["source"], "the bundle names the student the pruned model came from"
+    assert res["lineage"]["pruning_step"] == tiny_pruned["res"]["kept_step"]
     assert res["calibration_splits"] == ["labelled"], "calibrated on training images only"
     m = verify(folder)
     assert set(m["files"]) == {"vision.onnx", "decoder.onnx", "embeddings.safetensors", "tokenizer.json",
@@ -62,7 +56,7 @@ def test_quantize_picks_the_best_student_on_val_and_writes_a_verified_bundle(tin
     rt = json.loads((folder / "runtime.json").read_text())
     assert rt["threshold"] == pytest.approx(res["threshold"]["threshold"])
     report = tiny_bundle["report"].read_text()
-    assert f"Source: **{res['source']}**" in report and "INT8 against FP32" in report
+    assert f"Source: the pruned **{res['source']}** student" in report and "INT8 against FP32" in report
 
 
 def test_bundle_answers_like_the_pytorch_student_at_the_same_threshold(tiny_bundle, tiny_manifest, tmp_path):
@@ -71,7 +65,7 @@ def test_bundle_answers_like_the_pytorch_student_at_the_same_threshold(tiny_bund
     from edgeqa.student.model import Student
     from edgeqa_runtime.session import OrtStudent
 
-    src = tiny_bundle["root"] / "models" / tiny_bundle["res"]["source"]
+    src = tiny_bundle["root"] / "models" / "pruned"
     export(src, tmp_path / "b")
     ort, pt = OrtStudent(tmp_path / "b"), Student(src)
     paths = _paths(tiny_manifest, "test", 6)

@@ -1,7 +1,7 @@
-"""Stage `quantize`: the source student -> ONNX (FP32) -> INT8 where it keeps the answers -> the edge bundle.
+"""Stage `quantize`: the pruned student -> ONNX (FP32) -> INT8 where it keeps the answers -> the edge bundle.
 
-1. Source: `quantize.source`; `best` is the student (baseline, sft, distill) with the highest `val` AUROC in
-   its own training report, so a worse model is never shipped when a better one exists. Never `test`.
+1. Source: the `prune` stage's output (models/pruned), which names the student it came from (`prune.source`
+   chose it on `val`) in its config's `lineage`.
 2. Export to the two graphs of `edgeqa.student.export` (vision; decoder with its KV cache), FP32. Parity with
    PyTorch on `val`: max abs difference of the prefix embeddings and of the verdict-position logits, and the
    share of identical answers (verdict, type, location, reason).
@@ -43,27 +43,7 @@ from edgeqa_runtime.preprocess import pixels
 from edgeqa_runtime.session import DECODER, RUNTIME, VISION, OrtStudent
 
 log = logging.getLogger("edgeqa.quantize")
-STUDENTS = ("baseline", "sft", "distill")
 GRAPHS = {"vision": VISION, "decoder": DECODER}
-
-
-def pick_source(source: str, models_dir: Path, reports_dir: Path) -> tuple[str, dict[str, float | None]]:
-    """The student to compress, and every student's val AUROC (from its training stage's metrics.json)."""
-    val: dict[str, float | None] = {}
-    for name in STUDENTS:
-        f = reports_dir / name / "metrics.json"
-        if f.is_file():
-            val[name] = json.loads(f.read_text()).get("val_auroc")
-    if source != "best":
-        if not (models_dir / source / "config.json").is_file():
-            raise StageError(f"quantize.source {source!r}: {models_dir / source} holds no student; run that stage")
-        return source, val
-    scored = {k: v for k, v in val.items() if v is not None and (models_dir / k / "config.json").is_file()}
-    if not scored:
-        raise StageError(f"quantize.source best: no student with a val_auroc in {reports_dir}/<student>/metrics.json"
-                         f" (looked for {list(STUDENTS)})")
-    # ties go to the earlier (simpler) student: baseline, then sft, then distill
-    return max(scored, key=lambda k: (scored[k], -STUDENTS.index(k))), val
 
 
 class _Recording(OrtStudent):
@@ -197,13 +177,17 @@ def _parity(student_dir: Path, ort: OrtStudent, paths: Sequence[str], ort_answer
             "identical_answers": float(np.mean(same)), "images": len(same)}
 
 
-def run(cfg: QuantizeConfig, models_dir: Path, reports_dir: Path, manifest: Path, out: Path,
-        metrics: Path | None = None, report: Path | None = None) -> dict[str, Any]:
-    """Build the edge bundle `out` from the source student in `models_dir` (see the module docstring)."""
+def run(cfg: QuantizeConfig, src: Path, manifest: Path, out: Path, metrics: Path | None = None,
+        report: Path | None = None) -> dict[str, Any]:
+    """Build the edge bundle `out` from the (pruned) student folder `src` (see the module docstring)."""
     from edgeqa.student.export import export
+    from edgeqa.student.model import is_student_folder
 
     t_start = time.perf_counter()
-    source, val_aurocs = pick_source(cfg.source, models_dir, reports_dir)
+    if not is_student_folder(src):
+        raise StageError(f"quantize: {src} is not a student folder; run the prune stage first")
+    lineage = json.loads((src / "config.json").read_text()).get("lineage") or {}
+    source = lineage.get("source", src.name)
     df = pd.read_parquet(manifest)
     val = df[df.split == "val"].reset_index(drop=True)
     calib = df[df.split == "labelled"].sort_values("sha256").head(cfg.calibration_images)
@@ -211,17 +195,17 @@ def run(cfg: QuantizeConfig, models_dir: Path, reports_dir: Path, manifest: Path
         raise StageError(f"quantize: {manifest} needs val and labelled images (got {len(val)} and {len(calib)})")
     y = (val.label == "defective").to_numpy().astype(int)
     vpaths = [str(p) for p in val.path]
-    res: dict[str, Any] = {"source": source, "source_rule": cfg.source, "val_auroc_by_student": val_aurocs,
-                           "val_images": len(val), "calibration_images": len(calib),
+    res: dict[str, Any] = {"source": source, "lineage": lineage, "val_images": len(val),
+                           "calibration_images": len(calib),
                            "calibration_splits": sorted(set(calib.split)),
                            "cpu": benchrec.cpu()}
     with tempfile.TemporaryDirectory(prefix="edgeqa-quantize-") as work:
         w = Path(work)
         fp32, int8 = w / "fp32", w / "int8"
-        export(models_dir / source, fp32)
+        export(src, fp32)
         fp32_model = OrtStudent(fp32, cfg.threads)
         ref_raw, ref, t_ref = _answers(fp32_model, vpaths, cfg.max_reason_tokens)
-        res["parity"] = _parity(models_dir / source, fp32_model, vpaths, ref_raw, cfg.max_reason_tokens, cfg.threads)
+        res["parity"] = _parity(src, fp32_model, vpaths, ref_raw, cfg.max_reason_tokens, cfg.threads)
         rec = _Recording(fp32, cfg.threads)
         rec.predict_paths([str(p) for p in calib.path], cfg.max_reason_tokens)
         int8.mkdir()
@@ -299,8 +283,8 @@ def render(res: dict[str, Any], cfg: QuantizeConfig) -> str:
     kept = [g for g, p in res["precision"].items() if p == "fp32"]
     lines = [
         "# quantize: the edge bundle\n",
-        f"Source: **{res['source']}** (rule `{res['source_rule']}`; val AUROC by student: "
-        + ", ".join(f"{k} {f3(v)}" for k, v in res["val_auroc_by_student"].items()) + ").\n",
+        f"Source: the pruned **{res['source']}** student (pruning step {res['lineage'].get('pruning_step', 'n/a')} "
+        f"of {res['lineage'].get('steps', 'n/a')}; the prune report says why that student and that step).\n",
         f"Shipped graphs: vision **{res['precision']['vision']}**, decoder **{res['precision']['decoder']}**"
         + (f"; stays FP32 (INT8 agreement below {cfg.min_agreement}): {', '.join(kept)}" if kept else "") + ".\n",
         "## FP32 export against PyTorch (val)\n",

@@ -16,7 +16,9 @@ from edgeqa.config.schema import (
     ParamsError,
     PasteConfig,
     PathsConfig,
+    PruneConfig,
     QuantizeConfig,
+    RecoveryConfig,
     SFTConfig,
     StudentConfig,
     StudentStageConfig,
@@ -29,7 +31,8 @@ from edgeqa.config.schema import (
     parse_params,
 )
 
-__all__ = ["GRID_WORDS", "SPLITS", "BaseLMConfig", "DecoderConfig", "DistillConfig", "EvaluateConfig", "IngestConfig",
-           "LabelConfig", "MaskFactsConfig", "Params", "ParamsError", "PasteConfig", "PathsConfig", "QuantizeConfig",
-           "SFTConfig", "StudentConfig", "StudentStageConfig", "SynthCategory", "SynthConfig", "TeacherConfig",
-           "ThresholdRule", "ValidateConfig", "load_params", "parse_params"]
+__all__ = ["GRID_WORDS", "SPLITS", "BaseLMConfig", "DecoderConfig", "DistillConfig", "EvaluateConfig",
+           "IngestConfig", "LabelConfig", "MaskFactsConfig", "Params", "ParamsError", "PasteConfig", "PathsConfig",
+           "PruneConfig", "QuantizeConfig", "RecoveryConfig", "SFTConfig", "StudentConfig", "StudentStageConfig",
+           "SynthCategory", "SynthConfig", "TeacherConfig", "ThresholdRule", "ValidateConfig", "load_params",
+           "parse_params"]

@@ -300,6 +300,12 @@ class PasteConfig(_Section):
         return _ordered_pair(v)
 
 
+def source_weights(v: dict[str, float]) -> dict[str, float]:
+    if set(v) != {"human", "teacher"} or any(w < 0 for w in v.values()):
+        raise ValueError("needs exactly {human: w, teacher: w} with w >= 0")
+    return v
+
+
 class StudentStageConfig(_Section):
     """What every student training stage sets: fine-tuning mode, a step budget, learning rates and the weight of
     each example source (human reference answers, the teacher's answers)."""
@@ -313,9 +319,7 @@ class StudentStageConfig(_Section):
     @field_validator("weights")
     @classmethod
     def _weights(cls, v: dict[str, float]) -> dict[str, float]:
-        if set(v) != {"human", "teacher"} or any(w < 0 for w in v.values()):
-            raise ValueError("needs exactly {human: w, teacher: w} with w >= 0")
-        return v
+        return source_weights(v)
 
 
 class SFTConfig(StudentStageConfig):
@@ -371,11 +375,47 @@ class ThresholdRule(_Section):
     value: Fraction
 
 
-class QuantizeConfig(_Section):
-    """Stage `quantize`: ONNX export of the source student, INT8 (static QDQ, per-channel) of each graph that
-    keeps answer agreement with FP32 on `val`, and the edge bundle."""
+class RecoveryConfig(_Section):
+    """The KD fine-tune after each pruning step: the `distill` loss (alpha * T^2 * KL + (1 - alpha) * CE) on the
+    teacher's soft targets, full fine-tuning of the pruned layers."""
+
+    steps: int = Field(ge=1)  # optimizer steps per pruning step
+    lr: float = Field(gt=0, le=1)
+    lr_vision: float = Field(ge=0, le=1)
+    weights: dict[Literal["human", "teacher"], float]
+    alpha: Fraction
+    temperature: float = Field(gt=0, le=20)
+    top_k: int = Field(ge=1, le=100)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
+        return source_weights(v)
+
+
+class PruneConfig(_Section):
+    """Stage `prune`: structured pruning (torch-pruning) of the source student, iterative, each step recovered by
+    KD and checked on `val`; the last step whose val AUROC drop stays within the budget is kept."""
 
     source: Literal["best", "baseline", "sft", "distill"]  # best: the student with the highest val AUROC
+    steps: int = Field(ge=1, le=20)  # pruning steps; step k removes k/steps of each final ratio
+    trunk_ratio: Annotated[float, Field(ge=0, lt=1)]  # expanded channels of the trained trunk blocks removed
+    projector_ratio: Annotated[float, Field(ge=0, lt=1)]  # the projector's hidden width removed
+    mlp_ratio: Annotated[float, Field(ge=0, lt=1)]  # each decoder layer's MLP width removed
+    head_ratio: Annotated[float, Field(ge=0, lt=1)]  # each decoder layer's attention heads removed (whole heads)
+    recovery: RecoveryConfig
+    max_auroc_drop: Annotated[float, Field(ge=0, le=1)]  # budget: val delta AUROC's bootstrap CI low >= -budget
+    bootstrap: int = Field(ge=0, le=100_000)
+    latency_images: int = Field(ge=1, le=1000)  # val images timed per step (batch 1, one thread, PyTorch)
+    max_reason_tokens: int = Field(ge=1, le=256)
+    seed: int = Field(ge=0)
+    threads: int = Field(ge=1, le=64)
+
+
+class QuantizeConfig(_Section):
+    """Stage `quantize`: ONNX export of the pruned student, INT8 (static QDQ, per-channel) of each graph that
+    keeps answer agreement with FP32 on `val`, and the edge bundle."""
+
     op_types: list[Literal["MatMul", "Gemm", "Conv"]] = Field(min_length=1)  # what INT8 may touch
     per_channel: bool
     calibration_images: int = Field(ge=1, le=10_000)  # from the labelled (training) split only
@@ -399,6 +439,7 @@ class Params(_Section):
     student: StudentConfig
     sft: SFTConfig
     distill: DistillConfig
+    prune: PruneConfig
     quantize: QuantizeConfig
 
     @model_validator(mode="after")
@@ -406,6 +447,9 @@ class Params(_Section):
         if self.distill.top_k > self.teacher.top_k:
             raise ValueError(f"distill.top_k ({self.distill.top_k}) must be <= teacher.top_k ({self.teacher.top_k}), "
                              "the number of soft targets label stores")
+        if self.prune.recovery.top_k > self.teacher.top_k:
+            raise ValueError(f"prune.recovery.top_k ({self.prune.recovery.top_k}) must be <= teacher.top_k "
+                             f"({self.teacher.top_k}), the number of soft targets label stores")
         return self
 
     @property

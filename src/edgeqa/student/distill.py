@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,60 @@ from edgeqa.report import md_table
 log = logging.getLogger("edgeqa.distill")
 
 
+@dataclass
+class KDExamples:
+    examples: list[Any]           # edgeqa.student.train.Example, with their KD targets
+    shas: list[str]               # feature rows, in order (examples point into it)
+    kinds: dict[str, int]         # KD positions by field
+    dropped: list[float]          # teacher mass outside the student's vocabulary, per reason position
+    missing: int                  # images with no label record
+
+
+def kd_examples(layout: Any, tok: Any, lab: pd.DataFrame, unl: pd.DataFrame, labels: dict[str, dict[str, Any]],
+                weights: Mapping[Any, float], top_k: int, weights_key: str) -> KDExamples:
+    """Training examples with the teacher's soft targets (what `distill` and `prune`'s recovery train on): the
+    labelled images with their human answers, and the unlabelled pool with the teacher's parsed answers."""
+    from edgeqa.data.manifest import reference_answer
+    from edgeqa.student.kd import kd_targets
+    from edgeqa.student.train import Example, teacher_answer, teacher_reason_ids
+
+    w_h, w_t = weights["human"], weights["teacher"]
+    shas: list[str] = []
+    ex: list[Example] = []
+    dropped: list[float] = []
+    kinds = {"verdict": 0, "type": 0, "location": 0, "reason": 0}
+    missing = 0
+    for _, r in lab.iterrows():
+        rec = labels.get(r.sha256)
+        a = reference_answer(r)
+        e = Example(len(shas), a, "human", w_h, record=rec)
+        if rec is not None:
+            e.kd, kk, _ = kd_targets(layout, tok, a, rec, own_sequence=False, top_k=top_k)
+            e.kd_flip_safe = kk["verdict"] + kk["type"]  # verdict and type hold for the mirror image
+            kinds = {k: kinds[k] + kk[k] for k in kinds}
+        else:
+            missing += 1
+        ex.append(e)
+        shas.append(r.sha256)
+    for _, r in unl.iterrows():
+        rec = labels.get(r.sha256)
+        if rec is None or not rec["parse_ok"]:
+            missing += rec is None
+            continue
+        a = teacher_answer(rec)
+        rid = teacher_reason_ids(rec)
+        e = Example(len(shas), a, "teacher", w_t, tok.map_ids(rid) if rid is not None else None, rec)
+        e.kd, kk, d = kd_targets(layout, tok, a, rec, own_sequence=rid is not None, top_k=top_k)
+        kinds = {k: kinds[k] + kk[k] for k in kinds}
+        dropped += d
+        ex.append(e)
+        shas.append(r.sha256)
+    ex = [e for e in ex if e.weight > 0]
+    if not ex:
+        raise StageError(f"no training example has a weight above 0 ({weights_key} {weights})")
+    return KDExamples(ex, shas, kinds, dropped, missing)
+
+
 def run(cfg: DistillConfig, student: StudentConfig, sft_dir: Path, base_lm_dir: Path, teacher_dir: Path,
         manifest: Path, labels_dir: Path, features_dir: Path, out: Path, metrics: Path | None = None,
         report: Path | None = None, live_dir: Path | None = None) -> dict[str, Any]:
@@ -43,9 +99,9 @@ def run(cfg: DistillConfig, student: StudentConfig, sft_dir: Path, base_lm_dir: 
 
     from edgeqa.data.manifest import reference_answer
     from edgeqa.student.features import load as load_features
-    from edgeqa.student.kd import DistillLoss, kd_targets
+    from edgeqa.student.kd import DistillLoss
     from edgeqa.student.model import TOKENIZER_DIR, StudentModel, is_student_folder
-    from edgeqa.student.train import Example, fit, read_labels, teacher_answer, teacher_reason_ids
+    from edgeqa.student.train import Example, fit, read_labels
     from edgeqa.student.vocab import PrunedTokenizer
     from edgeqa.vlm.model import Layout, VisionLM
 
@@ -62,41 +118,8 @@ def run(cfg: DistillConfig, student: StudentConfig, sft_dir: Path, base_lm_dir: 
     lab = df[df.split == "labelled"].reset_index(drop=True)
     unl = df[df.split == "unlabelled"].reset_index(drop=True)
     val = df[df.split == "val"].reset_index(drop=True)
-    labels = read_labels(labels_dir)
-    w_h, w_t = cfg.weights["human"], cfg.weights["teacher"]
-    shas: list[str] = []
-    ex: list[Example] = []
-    dropped: list[float] = []
-    kinds = {"verdict": 0, "type": 0, "location": 0, "reason": 0}
-    missing = 0
-    for _, r in lab.iterrows():
-        rec = labels.get(r.sha256)
-        a = reference_answer(r)
-        e = Example(len(shas), a, "human", w_h, record=rec)
-        if rec is not None:
-            e.kd, kk, _ = kd_targets(layout, tok, a, rec, own_sequence=False, top_k=cfg.top_k)
-            e.kd_flip_safe = kk["verdict"] + kk["type"]  # verdict and type hold for the mirror image
-            kinds = {k: kinds[k] + kk[k] for k in kinds}
-        else:
-            missing += 1
-        ex.append(e)
-        shas.append(r.sha256)
-    for _, r in unl.iterrows():
-        rec = labels.get(r.sha256)
-        if rec is None or not rec["parse_ok"]:
-            missing += rec is None
-            continue
-        a = teacher_answer(rec)
-        rid = teacher_reason_ids(rec)
-        e = Example(len(shas), a, "teacher", w_t, tok.map_ids(rid) if rid is not None else None, rec)
-        e.kd, kk, d = kd_targets(layout, tok, a, rec, own_sequence=rid is not None, top_k=cfg.top_k)
-        kinds = {k: kinds[k] + kk[k] for k in kinds}
-        dropped += d
-        ex.append(e)
-        shas.append(r.sha256)
-    ex = [e for e in ex if e.weight > 0]
-    if not ex:
-        raise StageError(f"distill: no training example has a weight above 0 (distill.weights {cfg.weights})")
+    kx = kd_examples(layout, tok, lab, unl, read_labels(labels_dir), cfg.weights, cfg.top_k, "distill.weights")
+    ex, shas, kinds, dropped, missing = kx.examples, kx.shas, kx.kinds, kx.dropped, kx.missing
     val_ex = [Example(len(shas) + i, reference_answer(r), "human", 1.0) for i, (_, r) in enumerate(val.iterrows())]
     shas += list(val.sha256)
     t1 = time.perf_counter()

@@ -116,11 +116,11 @@ def export(student_dir: Path, out: Path, image_size: int | None = None, threshol
     tok = PrunedTokenizer(base_tok, cfg.vocab_map)
     layout = Layout.build(tok, cfg.schema())
     with atomic_dir(out) as tmp, torch.no_grad():
-        torch.onnx.export(Vision(), (torch.randn(2, 3, s, s),), str(tmp / VISION), dynamo=True,
+        torch.onnx.export(Vision().eval(), (torch.randn(2, 3, s, s),), str(tmp / VISION), dynamo=True,
                           input_names=["pixels"], output_names=["image_embeds"],
                           dynamic_shapes={"pixels": {0: torch.export.Dim("batch", max=1024)}},
                           external_data=False, optimize=True)
-        torch.onnx.export(Decoder(), ex, str(tmp / DECODER), dynamo=True,
+        torch.onnx.export(Decoder().eval(), ex, str(tmp / DECODER), dynamo=True,
                           input_names=["inputs_embeds", "attention_mask", "position_ids", *past_names],
                           output_names=["logits", *present_names], dynamic_shapes=dyn, external_data=False,
                           optimize=True)

@@ -55,9 +55,11 @@ class StudentModelConfig(PretrainedConfig):
                  projector_hidden: int = 256, decoder: dict[str, Any] | None = None,
                  vocab_map: list[int] | None = None, types: list[str] | None = None,
                  locations: list[str] | None = None, verdict_temperature: float = 1.0,
-                 type_temperature: float = 1.0, **kwargs: Any):
+                 type_temperature: float = 1.0, block_widths: dict[str, int] | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.vision_blocks, self.frozen_blocks = vision_blocks, frozen_blocks
+        # pruned trunk blocks: block index (str, as JSON keys are) -> expanded (inner) channels; absent: Lite0's
+        self.block_widths = {str(k): int(v) for k, v in (block_widths or {}).items()}
         self.image_size, self.grid, self.projector_hidden = image_size, grid, projector_hidden
         self.decoder = decoder or {}
         self.vocab_map = list(vocab_map or [])
@@ -95,9 +97,10 @@ def decoder_config_dict(arch: str, vocab_size: int, hidden: int, layers: int, he
 
 
 class VisionTrunk(nn.Module):
-    """Lite0's stem and its first `vision_blocks` blocks (stride 16 at block 11: 112 channels)."""
+    """Lite0's stem and its first `vision_blocks` blocks (stride 16 at block 11: 112 channels). `widths` narrows
+    the inner (expanded) channels of the blocks it names, as `prune` left them, so a pruned trunk rebuilds."""
 
-    def __init__(self, n_blocks: int):
+    def __init__(self, n_blocks: int, widths: dict[str, int] | None = None):
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
 
@@ -110,6 +113,8 @@ class VisionTrunk(nn.Module):
                 c = getattr(b, name, None)
                 if c is not None and c.kernel_size == (1, 1) and c.stride == (1, 1):
                     setattr(b, name, nn.Conv2d(c.in_channels, c.out_channels, 1, bias=c.bias is not None))
+        for k, w in (widths or {}).items():
+            narrow_block(self.blocks[int(k)], w)
 
     def forward(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Blocks [start, stop); start 0 runs the stem first."""
@@ -118,6 +123,30 @@ class VisionTrunk(nn.Module):
         for b in self.blocks[start:stop]:
             x = b(x, drop_connect_rate=0.0)
         return x
+
+
+def inner_width(block: nn.Module) -> int:
+    """The expanded channels of an MBConv block (the depthwise conv's)."""
+    conv: nn.Conv2d = block._depthwise_conv  # type: ignore[assignment]
+    return int(conv.out_channels)
+
+
+def narrow_block(block: nn.Module, width: int) -> None:
+    """Cut an MBConv block's inner channels to `width` (the last ones go; weights are loaded afterwards): the
+    same layers torch-pruning's dependency group for the expand conv touches. Block output stays as it is."""
+    import torch_pruning as tp
+
+    if getattr(block, "_expand_conv", None) is None or getattr(block, "has_se", False):
+        raise StageError("student.block_widths names a block with no expand conv or with squeeze-excitation; only "
+                         "Lite0's plain MBConv blocks (1..15) can be narrowed")
+    drop = list(range(width, inner_width(block)))
+    if not drop:
+        return
+    tp.prune_conv_out_channels(block._expand_conv, drop)
+    tp.prune_batchnorm_out_channels(block._bn0, drop)
+    tp.prune_depthwise_conv_out_channels(block._depthwise_conv, drop)
+    tp.prune_batchnorm_out_channels(block._bn1, drop)
+    tp.prune_conv_in_channels(block._project_conv, drop)
 
 
 class StudentModel(PreTrainedModel):
@@ -130,7 +159,7 @@ class StudentModel(PreTrainedModel):
         from transformers import AutoModelForCausalLM
 
         check_geometry(config.vision_blocks, config.image_size, config.grid)
-        self.vision = VisionTrunk(config.vision_blocks)
+        self.vision = VisionTrunk(config.vision_blocks, config.block_widths)
         self.projector = Projector(ProjectorConfig(in_dim=config.feature_dim, n_tokens=config.grid * config.grid,
                                                    lm_hidden=_hidden(config.decoder), hidden=config.projector_hidden))
         self.decoder = AutoModelForCausalLM.from_config(config.decoder_config())
