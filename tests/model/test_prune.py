@@ -101,8 +101,8 @@ def test_schedule_removes_k_over_steps_of_each_ratio_rounded_to_eights():
 
     cfg = PruneConfig.model_validate({
         "source": "best", "steps": 2, "trunk_ratio": 0.5, "projector_ratio": 0.5, "mlp_ratio": 0.5, "head_ratio": 0.25,
-        "recovery": {"steps": 1, "lr": 1e-3, "lr_vision": 0, "weights": {"human": 1, "teacher": 1}, "alpha": 0.5,
-                     "temperature": 2, "top_k": 5},
+        "recovery": {"teacher": "source", "steps": 1, "lr": 1e-3, "lr_vision": 0,
+                     "weights": {"human": 1, "teacher": 1}, "alpha": 0.5, "temperature": 2, "top_k": 5},
         "max_auroc_drop": 0.03, "bootstrap": 10, "latency_images": 1, "max_reason_tokens": 4, "seed": 0,
         "threads": 1})
     orig = Widths({8: 480, 9: 672}, 256, 512, 4)
@@ -151,3 +151,48 @@ def test_prune_stage_on_the_tiny_students(tiny_pruned, tiny_students, tiny_param
     report = tiny_pruned["report"].read_text()
     assert f"Source: **{res['source']}**" in report and f"Kept: **step {res['kept_step']}**" in report
     assert (tiny_pruned["live"] / "metrics.json").is_file()
+
+
+def test_self_distillation_targets_are_the_source_models_own_answer_distribution(tiny_students, tiny_params,
+                                                                                  tiny_manifest, tiny_labels):
+    """`prune.recovery.teacher: source`: every answer position gets the unpruned model's top-k log-probs, so the
+    KD term of the unpruned model against its own targets is far below that of a perturbed copy."""
+    import copy
+
+    import pandas as pd
+    from transformers import AutoTokenizer
+
+    from edgeqa.compress.prune import source_targets
+    from edgeqa.student.distill import kd_examples
+    from edgeqa.student.features import load as load_features
+    from edgeqa.student.kd import DistillLoss
+    from edgeqa.student.model import TOKENIZER_DIR, StudentModel
+    from edgeqa.student.train import batch_loss, read_labels
+    from edgeqa.student.vocab import PrunedTokenizer
+    from edgeqa.vlm.model import Layout, VisionLM
+
+    src = tiny_students["baseline"]
+    model = StudentModel.from_pretrained(src).eval()
+    tok = PrunedTokenizer(AutoTokenizer.from_pretrained(src / TOKENIZER_DIR), model.config.vocab_map)
+    layout = Layout.build(tok, model.config.schema())
+    df = pd.read_parquet(tiny_manifest)
+    lab = df[df.split == "labelled"].reset_index(drop=True)
+    kx = kd_examples(layout, tok, lab, lab.iloc[:0], read_labels(tiny_labels), {"human": 1.0, "teacher": 0.0}, 3,
+                     "w")
+    feats, _ = load_features(tiny_params.student, tiny_students["features"], kx.shas)
+    vlm = VisionLM(model.decoder, tok, model.projector, layout)
+    source_targets(model, vlm, feats, kx.examples, top_k=3)
+    for e in kx.examples:
+        ids, _ = layout.answer_ids(e.answer, tok, e.reason_ids)
+        assert [j for j, _, _ in e.kd] == list(range(len(ids))) and e.kd_flip_safe == 0
+        assert all(len(t) == 3 and lp == sorted(lp, reverse=True) for _, t, lp in e.kd)
+    kd_only = DistillLoss(alpha=1.0, temperature=1.0)
+    batch = kx.examples[:8]
+    with torch.no_grad():
+        own = float(batch_loss(model, vlm, feats, batch, 1.0, kd_only))
+        other = copy.deepcopy(model)
+        for q in other.decoder.parameters():
+            q.add_(torch.randn_like(q) * 0.05)
+        moved = float(batch_loss(other, VisionLM(other.decoder, tok, other.projector, layout), feats, batch, 1.0,
+                                 kd_only))
+    assert own < 0.5 * moved

@@ -219,27 +219,32 @@ def macs(model: Any, n_prompt: int) -> dict[str, int]:
 
     c = model.config
 
-    class _Part(nn.Module):
-        def __init__(self, fn: Any, mods: list[nn.Module]):
+    class _Part(nn.Module):  # count_ops_and_params deep-copies what it is given: the model must be inside it
+        def __init__(self, part: str):
             super().__init__()
-            self.fn, self.mods = fn, nn.ModuleList(mods)
+            self.m, self.part = model, part
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fn(x)
+            m = self.m
+            if self.part == "frozen":
+                return m.vision(x, 0, m.config.frozen_blocks)
+            if self.part == "trained":
+                return m.tokens_from_frozen(x)
+            if self.part == "projector":
+                return m.projector(x)
+            return m.decoder(inputs_embeds=x).logits
+
+    def count(part: str, x: torch.Tensor) -> int:
+        return int(tp.utils.count_ops_and_params(_Part(part), x)[0])
 
     px = torch.zeros(1, 3, c.image_size, c.image_size)
     with torch.no_grad():
         h = model.frozen_features(px)
         toks = model.image_tokens(px)
-    fb = c.frozen_blocks
-    frozen, _ = tp.utils.count_ops_and_params(_Part(lambda x: model.vision(x, 0, fb), [model.vision]), px) if fb \
-        else (0, 0)
-    trained, _ = tp.utils.count_ops_and_params(_Part(model.tokens_from_frozen, [model.vision]), h)
-    proj, _ = tp.utils.count_ops_and_params(_Part(model.projector, [model.projector]), toks)
     hidden = model.decoder.get_input_embeddings().weight.shape[1]
     seq = torch.zeros(1, n_prompt + c.grid * c.grid + ANSWER_TOKENS, hidden)
-    dec, _ = tp.utils.count_ops_and_params(_Part(lambda x: model.decoder(inputs_embeds=x).logits, [model.decoder]),
-                                           seq)
+    frozen = count("frozen", px) if c.frozen_blocks else 0
+    trained, proj, dec = count("trained", h), count("projector", toks), count("decoder", seq)
     out = {"trunk_frozen": int(frozen), "trunk_trained": int(trained), "projector": int(proj), "decoder": int(dec)}
     out["total"] = sum(out.values())
     return out
@@ -266,6 +271,25 @@ def latency_ms(model: Any, vlm: Any, paths: list[str], max_reason_tokens: int) -
     finally:
         torch.set_num_threads(threads)
     return {"p50": float(np.median(times)), "images": len(times)}
+
+
+def source_targets(model: Any, vlm: Any, feats: Any, examples: list[Any], top_k: int, batch: int = 64) -> None:
+    """Self-distillation targets (`prune.recovery.teacher: source`): the unpruned model's top-k log-probs at
+    every answer position of every example, teacher-forced on the example's own answer, replace the examples'
+    KD targets (`edgeqa.student.kd.Target`). Mirrored copies get none (the targets are of the unmirrored image)."""
+    import torch
+
+    with torch.no_grad():
+        for i in range(0, len(examples), batch):
+            part = examples[i:i + batch]
+            tokens = model.tokens_from_frozen(feats[[e.feat for e in part]])
+            seqs = [vlm.layout.answer_ids(e.answer, vlm.tok, e.reason_ids) for e in part]
+            logits, _, _, prefix = vlm.answer_logits(tokens, seqs, 1.0)
+            logp = torch.log_softmax(logits, -1)
+            for r, (e, (ids, _)) in enumerate(zip(part, seqs)):
+                top = logp[r, prefix - 1:prefix - 1 + len(ids)].topk(min(top_k, logp.shape[-1]), -1)
+                e.kd = [(j, top.indices[j].tolist(), top.values[j].tolist()) for j in range(len(ids))]
+                e.kd_flip_safe = 0
 
 
 def within_budget(delta: dict[str, Any], max_drop: float) -> bool:
@@ -331,6 +355,8 @@ def run(cfg: PruneConfig, student: StudentConfig, models_dir: Path, reports_dir:
     lat_paths = [str(p) for p in val.sort_values("sha256").path.head(cfg.latency_images)]
     n_prompt = len(layout.pre) + len(layout.post)
     loss = DistillLoss(alpha=rc.alpha, temperature=rc.temperature)
+    if rc.teacher == "source" and rc.alpha > 0:
+        source_targets(model, VisionLM(model.decoder, tok, model.projector, layout), feats, kx.examples, rc.top_k)
 
     def vlm_of(m: Any) -> Any:
         return VisionLM(m.decoder, tok, m.projector, layout, m.config.verdict_temperature, m.config.type_temperature)

@@ -376,8 +376,11 @@ class ThresholdRule(_Section):
 
 
 class RecoveryConfig(_Section):
-    """The KD fine-tune after each pruning step: the `distill` loss (alpha * T^2 * KL + (1 - alpha) * CE) on the
-    teacher's soft targets, full fine-tuning of the pruned layers."""
+    """The KD fine-tune after each pruning step: the `distill` loss (alpha * T^2 * KL + (1 - alpha) * CE), full
+    fine-tuning of the pruned layers. The soft targets come from `teacher`: the teacher's (what label stored) or
+    the unpruned source student's own (self-distillation, the usual recovery after pruning)."""
+
+    teacher: Literal["teacher", "source"]
 
     steps: int = Field(ge=1)  # optimizer steps per pruning step
     lr: float = Field(gt=0, le=1)
