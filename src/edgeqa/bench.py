@@ -118,6 +118,7 @@ def main(root: Path) -> int:
     teacher_ips = teacher_bench(params, root)
     student_bench(params, root, teacher_ips)
     edge_bench(params, root)
+    models_bench(params, root)
     return 0
 
 
@@ -209,6 +210,131 @@ def edge_bench(params: Any, root: Path) -> None:
     benchrec.write(out, recs)
     print("edge (batch 1, 1 thread, p50 ms): " + ", ".join(f"{k} {v['p50']:.1f}" for k, v in lat.items())
           + f"; bundle {size:,} bytes ({m['graphs']}); wrote {out}")
+
+
+def int8_gemm_macs_per_s(n: int = 1024, runs: int = 10) -> float:
+    """The int8 MAC rate onnxruntime reaches here on one large GEMM on one thread (MatMulInteger, u8 x s8 ->
+    s32, n x n x n): the machine's practical limit for the quantized layers."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    b = numpy_helper.from_array(rng.integers(-127, 127, (n, n), dtype=np.int8), "B")
+    g = helper.make_graph([helper.make_node("MatMulInteger", ["A", "B"], ["Y"])], "gemm",
+                          [helper.make_tensor_value_info("A", TensorProto.UINT8, [n, n])],
+                          [helper.make_tensor_value_info("Y", TensorProto.INT32, [n, n])], [b])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = 1, 1
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    a = {"A": rng.integers(0, 255, (n, n), dtype=np.uint8)}
+    sess.run(None, a)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, a)
+        times.append(time.perf_counter() - t0)
+    return n ** 3 / float(np.median(times))
+
+
+MODEL_ROWS = (("teacher", "teacher"), ("baseline", "student"), ("sft", "student"), ("distill", "student"),
+              ("pruned", "student"), ("edge", "edge"))
+
+
+def models_bench(params: Any, root: Path) -> None:
+    """reports/bench/models.json (+ models.md): every model of the pipeline in one run on the same 50 `test`
+    images (the teacher on 10): parameters, file size, MACs, p50/p95 at batch 1 on one thread, throughput at
+    batch 8 on two threads, peak RSS (each model in its own process), the quality figures `evaluate` wrote, the
+    ratios against the teacher and against the unpruned FP32 student, and the physical limit (MACs / the int8
+    GEMM rate measured here on one core)."""
+    import json
+
+    import pandas as pd
+
+    from edgeqa.report import md_table
+    from edgeqa_runtime.bundle import verify
+
+    manifest = root / params.paths.ingest_dir / "manifest.parquet"
+    bundle = root / params.paths.model_dir("edge")
+    if not manifest.exists() or not (bundle / "manifest.json").is_file():
+        print("no edge bundle: run `make run` first; models benchmark skipped")
+        return
+    source = verify(bundle)["source"]
+    df = pd.read_parquet(manifest)
+    paths = [str(p) for p in df[df.split == "test"].sort_values("sha256").path[:EDGE_SAMPLE]]
+    n_tok = params.quantize.max_reason_tokens
+    rate = int8_gemm_macs_per_s()
+    rows: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, kind in MODEL_ROWS:
+            folder = root / params.paths.model_dir(name)
+            if not folder.is_dir():
+                continue
+            pf = Path(tmp) / f"{name}.json"
+            pf.write_text(json.dumps(paths[:10] if kind == "teacher" else paths))
+            r = subprocess.run([sys.executable, "-m", "edgeqa.benchmodel", kind, str(folder), str(pf), str(n_tok)],
+                               cwd=root, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"benchmodel {name} failed:\n{r.stderr[-2000:]}")
+            row = json.loads(r.stdout.strip().splitlines()[-1])
+            ev = root / params.paths.reports_dir / "evaluate" / name / "metrics.json"
+            q = json.loads(ev.read_text()) if ev.is_file() else {}
+            row.update({k: q.get(k) for k in ("auroc", "type_accuracy", "miss_rate", "overkill_rate", "parameters")})
+            if kind == "edge":
+                row["file_bytes"] = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+            elif kind == "student":
+                row["file_bytes"] = (folder / "model.safetensors").stat().st_size
+            else:
+                base = root / params.paths.base_lm_dir / "model.safetensors"
+                row["file_bytes"] = base.stat().st_size + sum(f.stat().st_size for f in folder.rglob("*")
+                                                              if f.is_file())
+            rows[name] = row
+            print(f"{name}: p50 {row['p50_ms']:.1f} ms, {row['images_per_s_batch8_2threads']:.1f} img/s batch 8, "
+                  f"peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB")
+    if "edge" in rows and "pruned" in rows:
+        rows["edge"]["macs"] = rows["pruned"]["macs"]  # the same network; INT8 changes the arithmetic, not its count
+    teacher_p50 = rows.get("teacher", {}).get("p50_ms")
+    fp32_p50 = rows.get(source, {}).get("p50_ms")
+    cmd = (f"make bench: {len(paths)} test images (first by sha256; the teacher on 10), batch 1 / 1 thread and "
+           f"batch {8} / 2 threads, each model in its own process")
+    recs = [benchrec.record("models:int8_gemm_macs_per_s", rate, "MAC/s", None,
+                            "onnxruntime MatMulInteger 1024^3, one thread, same run")]
+    table = []
+    for name, r in rows.items():
+        if r.get("macs"):
+            r["physical_limit_ms"] = r["macs"] / rate * 1000
+        if teacher_p50:
+            r["teacher_over_p50"] = teacher_p50 / r["p50_ms"]
+        if fp32_p50:
+            r["fp32_student_over_p50"] = fp32_p50 / r["p50_ms"]
+        units = {"p50_ms": "ms", "p95_ms": "ms", "images_per_s_batch8_2threads": "img/s", "peak_rss_bytes": "bytes",
+                 "file_bytes": "bytes", "macs": "MAC", "parameters": "count", "auroc": "", "type_accuracy": "",
+                 "miss_rate": "", "overkill_rate": "", "physical_limit_ms": "ms", "teacher_over_p50": "x",
+                 "fp32_student_over_p50": "x"}
+        targets = {("edge", "p50_ms"): "<= 10 ms", ("edge", "file_bytes"): "<= 5 MB",
+                   ("edge", "teacher_over_p50"): ">= 50"}
+        for k, unit in units.items():
+            if r.get(k) is not None:
+                recs.append(benchrec.record(f"models:{name}:{k}", r[k], unit, targets.get((name, k)), cmd))
+        table.append([name, f"{r['parameters']:,}" if r.get("parameters") else "", f"{r['file_bytes'] / 1e6:.2f}",
+                      f"{r['macs'] / 1e6:.0f}" if r.get("macs") else "not counted", f"{r['p50_ms']:.1f}",
+                      f"{r['p95_ms']:.1f}", f"{r['images_per_s_batch8_2threads']:.1f}",
+                      f"{r['peak_rss_bytes'] / 2**20:.0f}", f"{r['physical_limit_ms']:.2f}" if r.get("macs") else "",
+                      f"{r['teacher_over_p50']:.1f}" if r.get("teacher_over_p50") else "",
+                      f"{r['fp32_student_over_p50']:.2f}" if r.get("fp32_student_over_p50") else "",
+                      *(f"{r[k]:.3f}" if r.get(k) is not None else "" for k in ("auroc", "type_accuracy"))])
+    out = root / params.paths.bench_dir / "models.json"
+    benchrec.write(out, recs)
+    md = (f"# Models, one run ({benchrec.cpu()})\n\n{cmd}. Physical limit: MACs / {rate / 1e9:.1f} GMAC/s, the "
+          "int8 rate of one large GEMM on one core here. FP32 student: the unpruned source of the bundle "
+          f"({source}), PyTorch. Quality: `evaluate` on test.\n\n"
+          + md_table(["model", "parameters", "MB", "MMACs", "p50 ms", "p95 ms", "img/s (b8, 2 thr)", "peak RSS MiB",
+                      "limit ms", "teacher / p50", "FP32 student / p50", "AUROC", "type acc."], table) + "\n")
+    from edgeqa.io import atomic_write_text
+
+    atomic_write_text(out.with_suffix(".md"), md)
+    print(md)
 
 
 def student_bench(params: Any, root: Path, teacher_ips: float | None) -> None:

@@ -1,0 +1,84 @@
+"""One model's speed and memory, measured in a process of its own so that its peak RSS is the model's:
+`python -m edgeqa.benchmodel KIND FOLDER PATHS_JSON MAX_REASON_TOKENS` prints one JSON object.
+
+KIND: `teacher` (LocalTeacher), `student` (a saved student, PyTorch) or `edge` (a bundle, onnxruntime). Latency
+is at batch 1 on one thread, from the image file to the answer, after one warm-up; throughput is at batch 8 on
+two threads. `make bench` (`edgeqa.bench.models_bench`) runs it once per model.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BATCH, BATCH_THREADS = 8, 2
+
+
+def _load(kind: str, folder: Path, threads: int) -> Any:
+    if kind == "teacher":
+        from edgeqa.teacher.local import LocalTeacher
+
+        return LocalTeacher(folder, threads)
+    if kind == "student":
+        import torch
+
+        from edgeqa.student.model import Student
+
+        torch.set_num_threads(threads)
+        return Student(folder, threads)
+    if kind == "edge":
+        from edgeqa_runtime.session import OrtStudent
+
+        return OrtStudent(folder, threads)
+    raise SystemExit(f"benchmodel: KIND {kind!r} is not one of teacher, student, edge")
+
+
+def _answer(kind: str, m: Any, paths: list[str], n_tok: int) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = m.predict_paths(paths, n_tok, 1) if kind == "teacher" else m.predict_paths(paths,
+                                                                                                            n_tok)
+    return out
+
+
+def measure(kind: str, folder: Path, paths: list[str], n_tok: int) -> dict[str, Any]:
+    m = _load(kind, folder, 1)
+    _answer(kind, m, paths[:1], n_tok)
+    ms = []
+    for p in paths:
+        t0 = time.perf_counter()
+        _answer(kind, m, [p], n_tok)
+        ms.append((time.perf_counter() - t0) * 1000)
+    res: dict[str, Any] = {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
+                           "latency_images": len(ms)}
+    mb = _load(kind, folder, BATCH_THREADS)
+    batch = paths[:2 * BATCH]
+    _answer(kind, mb, batch[:BATCH], n_tok)
+    t0 = time.perf_counter()
+    for i in range(0, len(batch), BATCH):
+        _answer(kind, mb, batch[i:i + BATCH], n_tok)
+    res["images_per_s_batch8_2threads"] = len(batch) / (time.perf_counter() - t0)
+    if kind == "student":
+        from edgeqa.compress.prune import macs
+
+        layout = m.vlm.layout
+        res["macs"] = macs(m.model, len(layout.pre) + len(layout.post))["total"]
+    res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return res
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = sys.argv[1:] if argv is None else argv
+    if len(a) != 4:
+        raise SystemExit(__doc__)
+    kind, folder, paths_file, n_tok = a
+    paths = json.loads(Path(paths_file).read_text())
+    print(json.dumps(measure(kind, Path(folder), paths, int(n_tok))))
+
+
+if __name__ == "__main__":
+    main()
