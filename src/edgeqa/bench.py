@@ -238,6 +238,60 @@ def int8_gemm_macs_per_s(n: int = 1024, runs: int = 10) -> float:
     return n ** 3 / float(np.median(times))
 
 
+def pareto_png(points: dict[str, tuple[float, float]], out: Path, title: str) -> None:
+    """A scatter of test AUROC against p50 latency (log scale), the Pareto front (no other model both faster
+    and better) joined by a line; drawn with Pillow (already a runtime dependency), written by rename."""
+    import math
+
+    from PIL import Image, ImageDraw
+
+    w, h, m = 900, 560, 70
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    xs = [math.log10(max(v[0], 1e-3)) for v in points.values()]
+    ys = [v[1] for v in points.values()]
+    x0, x1 = math.floor(min(xs)), math.ceil(max(xs)) + (math.ceil(max(xs)) == math.floor(min(xs)))
+    y0, y1 = max(0.0, math.floor(min(ys) * 20) / 20 - 0.05), 1.0
+
+    def at(lat: float, auc: float) -> tuple[float, float]:
+        return (m + (math.log10(max(lat, 1e-3)) - x0) / (x1 - x0) * (w - 2 * m),
+                h - m - (auc - y0) / (y1 - y0) * (h - 2 * m))
+
+    d.rectangle([m, m, w - m, h - m], outline="black")
+    for e in range(x0, x1 + 1):
+        x, _ = at(10 ** e, y0)
+        d.line([x, h - m, x, h - m + 6], fill="black")
+        d.text((x - 12, h - m + 10), f"{10 ** e:g}", fill="black")
+    for k in range(int(round((y1 - y0) / 0.05)) + 1):
+        yv = y0 + 0.05 * k
+        _, y = at(10 ** x0, yv)
+        d.line([m - 6, y, m, y], fill="black")
+        d.text((m - 45, y - 6), f"{yv:.2f}", fill="black")
+    d.text((w / 2 - 160, h - 30), "p50 latency, ms (batch 1, one thread; log scale)", fill="black")
+    d.text((10, m - 20), "test AUROC", fill="black")
+    d.text((m, 15), title, fill="black")
+    front = sorted((v for v in points.values()), key=lambda v: (v[0], -v[1]))
+    best, line = -1.0, []
+    for lat, auc in front:
+        if auc > best:
+            best = auc
+            line.append(at(lat, auc))
+    if len(line) > 1:
+        d.line(line, fill=(200, 60, 60), width=2)
+    placed: list[tuple[float, float]] = []
+    for name, (lat, auc) in points.items():
+        x, y = at(lat, auc)
+        d.ellipse([x - 5, y - 5, x + 5, y + 5], fill=(40, 90, 200))
+        ty = y - 14
+        while any(abs(ty - py) < 13 and abs(x - px) < 70 for px, py in placed):  # labels of close points stack
+            ty += 13
+        placed.append((x, ty))
+        d.text((x + 8, ty), name, fill="black")
+    tmp = out.with_name(out.name + ".tmp")
+    img.save(tmp, format="PNG")
+    tmp.replace(out)
+
+
 MODEL_ROWS = (("teacher", "teacher"), ("baseline", "student"), ("sft", "student"), ("distill", "student"),
               ("pruned", "student"), ("edge", "edge"))
 
@@ -334,6 +388,9 @@ def models_bench(params: Any, root: Path) -> None:
     from edgeqa.io import atomic_write_text
 
     atomic_write_text(out.with_suffix(".md"), md)
+    pts = {n: (r["p50_ms"], r["auroc"]) for n, r in rows.items() if r.get("auroc") is not None}
+    if pts:
+        pareto_png(pts, out.with_name("models_pareto.png"), f"edgeqa models, one run: {benchrec.cpu()}")
     print(md)
 
 

@@ -40,3 +40,15 @@ def test_bench_record_format(tmp_path):
 
     names = [x["name"] for x in json.loads(p.read_text())["records"]]
     assert names == ["x", "y"]
+
+
+def test_pareto_plot_is_a_png_written_by_rename(tmp_path):
+    from PIL import Image
+
+    from edgeqa.bench import pareto_png
+
+    out = tmp_path / "models_pareto.png"
+    pareto_png({"teacher": (3000.0, 0.88), "baseline": (150.0, 0.99), "edge": (45.0, 0.99)}, out, "t")
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size == (900, 560)
+    assert [p.name for p in tmp_path.iterdir()] == ["models_pareto.png"]
