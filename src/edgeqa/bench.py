@@ -292,8 +292,8 @@ def pareto_png(points: dict[str, tuple[float, float]], out: Path, title: str) ->
     tmp.replace(out)
 
 
-MODEL_ROWS = (("teacher", "teacher"), ("baseline", "student"), ("sft", "student"), ("distill", "student"),
-              ("pruned", "student"), ("edge", "edge"))
+MODEL_ROWS = (("teacher", "teacher"), ("patchknn", "patchknn"), ("baseline", "student"), ("sft", "student"),
+              ("distill", "student"), ("pruned", "student"), ("edge", "edge"))
 
 
 def models_bench(params: Any, root: Path) -> None:
@@ -304,6 +304,7 @@ def models_bench(params: Any, root: Path) -> None:
     GEMM rate measured here on one core)."""
     import json
 
+    import numpy as np
     import pandas as pd
 
     from edgeqa.report import md_table
@@ -316,17 +317,19 @@ def models_bench(params: Any, root: Path) -> None:
         return
     source = verify(bundle)["source"]
     df = pd.read_parquet(manifest)
-    paths = [str(p) for p in df[df.split == "test"].sort_values("sha256").path[:EDGE_SAMPLE]]
+    test = df[df.split == "test"].sort_values("sha256")
+    paths = [str(p) for p in test.path[:EDGE_SAMPLE]]
     n_tok = params.quantize.max_reason_tokens
     rate = int8_gemm_macs_per_s()
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, kind in MODEL_ROWS:
-            folder = root / params.paths.model_dir(name)
-            if not folder.is_dir():
+            folder = root / params.paths.model_dir("teacher" if kind == "patchknn" else name)
+            if not folder.is_dir() or (kind == "patchknn" and not (folder / "anomaly_bank.safetensors").is_file()):
                 continue
             pf = Path(tmp) / f"{name}.json"
-            pf.write_text(json.dumps(paths[:10] if kind == "teacher" else paths))
+            pf.write_text(json.dumps(paths[:10] if kind == "teacher" else
+                                     [str(p) for p in test.path] if kind == "patchknn" else paths))
             r = subprocess.run([sys.executable, "-m", "edgeqa.benchmodel", kind, str(folder), str(pf), str(n_tok)],
                                cwd=root, capture_output=True, text=True)
             if r.returncode != 0:
@@ -335,7 +338,14 @@ def models_bench(params: Any, root: Path) -> None:
             ev = root / params.paths.reports_dir / "evaluate" / name / "metrics.json"
             q = json.loads(ev.read_text()) if ev.is_file() else {}
             row.update({k: q.get(k) for k in ("auroc", "type_accuracy", "miss_rate", "overkill_rate", "parameters")})
-            if kind == "edge":
+            if kind == "patchknn":  # its own test AUROC from its scores; no type, no location, no reason
+                from edgeqa.evaluation.metrics import auroc
+
+                y = (test.label == "defective").to_numpy().astype(int)
+                row["auroc"] = auroc(y, np.asarray(row.pop("scores")))
+                row["file_bytes"] = row["bank_bytes"]
+                row["parameters"] = None
+            elif kind == "edge":
                 row["file_bytes"] = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
             elif kind == "student":
                 row["file_bytes"] = (folder / "model.safetensors").stat().st_size
@@ -362,7 +372,8 @@ def models_bench(params: Any, root: Path) -> None:
             r["teacher_over_p50"] = teacher_p50 / r["p50_ms"]
         if fp32_p50:
             r["fp32_student_over_p50"] = fp32_p50 / r["p50_ms"]
-        units = {"p50_ms": "ms", "p95_ms": "ms", "images_per_s_batch8_2threads": "img/s", "peak_rss_bytes": "bytes",
+        units = {"bank_rows": "count", "bank_bytes": "bytes",
+                 "p50_ms": "ms", "p95_ms": "ms", "images_per_s_batch8_2threads": "img/s", "peak_rss_bytes": "bytes",
                  "file_bytes": "bytes", "macs": "MAC", "parameters": "count", "auroc": "", "type_accuracy": "",
                  "miss_rate": "", "overkill_rate": "", "physical_limit_ms": "ms", "teacher_over_p50": "x",
                  "fp32_student_over_p50": "x"}
@@ -382,7 +393,10 @@ def models_bench(params: Any, root: Path) -> None:
     benchrec.write(out, recs)
     md = (f"# Models, one run ({benchrec.cpu()})\n\n{cmd}. Physical limit: MACs / {rate / 1e9:.1f} GMAC/s, the "
           "int8 rate of one large GEMM on one core here. FP32 student: the unpruned source of the bundle "
-          f"({source}), PyTorch. Quality: `evaluate` on test.\n\n"
+          f"({source}), PyTorch. Quality: `evaluate` on test. `patchknn`: the classical row, a PatchCore-style "
+          "patch-kNN on the same ImageNet backbone (the teacher's anomaly bank; MB = the bank; no coreset); its "
+          "AUROC is from its own scores on every test image, and it gives no type, no location and no reason."
+          "\n\n"
           + md_table(["model", "parameters", "MB", "MMACs", "p50 ms", "p95 ms", "img/s (b8, 2 thr)", "peak RSS MiB",
                       "limit ms", "teacher / p50", "FP32 student / p50", "AUROC", "type acc."], table) + "\n")
     from edgeqa.io import atomic_write_text

@@ -1,7 +1,9 @@
 """One model's speed and memory, measured in a process of its own so that its peak RSS is the model's:
 `python -m edgeqa.benchmodel KIND FOLDER PATHS_JSON MAX_REASON_TOKENS` prints one JSON object.
 
-KIND: `teacher` (LocalTeacher), `student` (a saved student, PyTorch) or `edge` (a bundle, onnxruntime). Latency
+KIND: `teacher` (LocalTeacher), `student` (a saved student, PyTorch), `edge` (a bundle, onnxruntime) or
+`patchknn` (the classical row: the teacher folder's patch-kNN anomaly detector alone, on the same ImageNet
+backbone; a score, no type, no reason; it also prints its score for every image, for the AUROC). Latency
 is at batch 1 on one thread, from the image file to the answer, after one warm-up; throughput is at batch 8 on
 two threads. `make bench` (`edgeqa.bench.models_bench`) runs it once per model.
 """
@@ -20,7 +22,36 @@ import numpy as np
 BATCH, BATCH_THREADS = 8, 2
 
 
+class PatchKNN:
+    """A PatchCore-style detector: Lite0 stride-16 features, 3x3 neighbourhood-averaged, nearest neighbour in the
+    memory bank of good training patches (the full bank: no coreset), the image score the largest patch
+    distance. The bank and the scoring are the local teacher's anomaly evidence (`edgeqa.teacher.local`)."""
+
+    def __init__(self, folder: Path, threads: int):
+        import torch
+        from safetensors.numpy import load_file
+
+        from edgeqa.vlm.vision import load_lite0
+
+        torch.set_num_threads(threads)
+        meta = json.loads((folder / "teacher.json").read_text())
+        if not meta.get("anomaly"):
+            raise SystemExit(f"benchmodel patchknn: {folder} holds no anomaly bank (teacher anomaly evidence off)")
+        self.size, self.grid = int(meta["image_size"]), int(meta["grid"])
+        self.backbone = load_lite0()
+        self.bank = load_file(str(folder / "anomaly_bank.safetensors"))["bank"]
+
+    def predict_paths(self, paths: list[str], max_reason_tokens: int) -> list[dict[str, Any]]:
+        from edgeqa.teacher.local import anomaly_scores
+        from edgeqa.vlm.vision import image_features
+
+        f = image_features(self.backbone, paths, self.size, self.grid)
+        return [{"anomaly_score": float(a)} for a in anomaly_scores(f["patches"], self.bank)]
+
+
 def _load(kind: str, folder: Path, threads: int) -> Any:
+    if kind == "patchknn":
+        return PatchKNN(folder, threads)
     if kind == "teacher":
         from edgeqa.teacher.local import LocalTeacher
 
@@ -36,7 +67,7 @@ def _load(kind: str, folder: Path, threads: int) -> Any:
         from edgeqa_runtime.session import OrtStudent
 
         return OrtStudent(folder, threads)
-    raise SystemExit(f"benchmodel: KIND {kind!r} is not one of teacher, student, edge")
+    raise SystemExit(f"benchmodel: KIND {kind!r} is not one of teacher, student, edge, patchknn")
 
 
 def _answer(kind: str, m: Any, paths: list[str], n_tok: int) -> list[dict[str, Any]]:
@@ -45,11 +76,11 @@ def _answer(kind: str, m: Any, paths: list[str], n_tok: int) -> list[dict[str, A
     return out
 
 
-def measure(kind: str, folder: Path, paths: list[str], n_tok: int) -> dict[str, Any]:
+def measure(kind: str, folder: Path, paths: list[str], n_tok: int, latency_images: int = 50) -> dict[str, Any]:
     m = _load(kind, folder, 1)
     _answer(kind, m, paths[:1], n_tok)
     ms = []
-    for p in paths:
+    for p in paths[:latency_images]:
         t0 = time.perf_counter()
         _answer(kind, m, [p], n_tok)
         ms.append((time.perf_counter() - t0) * 1000)
@@ -67,6 +98,9 @@ def measure(kind: str, folder: Path, paths: list[str], n_tok: int) -> dict[str, 
 
         layout = m.vlm.layout
         res["macs"] = macs(m.model, len(layout.pre) + len(layout.post))["total"]
+    if kind == "patchknn":
+        res["scores"] = [r["anomaly_score"] for r in _answer(kind, mb, paths, n_tok)]
+        res["bank_rows"], res["bank_bytes"] = int(m.bank.shape[0]), int(m.bank.nbytes)
     res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return res
 
