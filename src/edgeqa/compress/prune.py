@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from edgeqa import benchrec
 from edgeqa.config import PruneConfig, StudentConfig
@@ -314,37 +313,28 @@ def run(cfg: PruneConfig, student: StudentConfig, models_dir: Path, reports_dir:
         live_dir: Path | None = None) -> dict[str, Any]:
     """Prune the source student in `models_dir` into `out` (see the module docstring)."""
     import torch
-    from transformers import AutoTokenizer
 
     from edgeqa.data.manifest import reference_answer
     from edgeqa.student.distill import kd_examples
     from edgeqa.student.features import load as load_features
     from edgeqa.student.kd import DistillLoss
-    from edgeqa.student.model import TOKENIZER_DIR, StudentModel, count_parameters
-    from edgeqa.student.train import Example, calibrate, read_labels, save_student, train
-    from edgeqa.student.vocab import PrunedTokenizer
-    from edgeqa.vlm.model import Layout, VisionLM
+    from edgeqa.student.model import count_parameters
+    from edgeqa.student.train import Example, calibrate, load_student, read_labels, read_splits, save_student, train
+    from edgeqa.vlm.model import VisionLM
 
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     source, val_aurocs = pick_source(cfg.source, models_dir, reports_dir)
     src_dir = models_dir / source
-    model = StudentModel.from_pretrained(src_dir).eval()
+    st = load_student(src_dir, "prune")
+    model, base_tok, tok, layout, schema = st.model.eval(), st.base_tok, st.tok, st.layout, st.schema
     if model.config.frozen_blocks != student.frozen_blocks or model.config.vision_blocks != student.vision_blocks:
         raise StageError(f"prune: {src_dir} was trained with vision_blocks {model.config.vision_blocks} / "
                          f"frozen_blocks {model.config.frozen_blocks}, but params.yaml's student section says "
                          f"{student.vision_blocks} / {student.frozen_blocks}; rerun the student stages (dvc repro)")
-    base_tok = AutoTokenizer.from_pretrained(src_dir / TOKENIZER_DIR)
-    tok = PrunedTokenizer(base_tok, model.config.vocab_map)
-    schema = model.config.schema()
-    layout = Layout.build(tok, schema)
-    df = pd.read_parquet(manifest)
-    lab = df[df.split == "labelled"].reset_index(drop=True)
-    unl = df[df.split == "unlabelled"].reset_index(drop=True)
-    val = df[df.split == "val"].reset_index(drop=True)
-    if val.empty or lab.empty:
-        raise StageError(f"prune: {manifest} needs labelled and val images (got {len(lab)} and {len(val)})")
+    sp = read_splits(manifest, "prune")
+    lab, unl, val = sp.labelled, sp.unlabelled, sp.val
     rc = cfg.recovery
     kx = kd_examples(layout, tok, lab, unl, read_labels(labels_dir), rc.weights, rc.top_k, "prune.recovery.weights")
     shas = kx.shas + list(val.sha256)

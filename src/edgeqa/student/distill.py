@@ -95,29 +95,19 @@ def run(cfg: DistillConfig, student: StudentConfig, sft_dir: Path, base_lm_dir: 
         report: Path | None = None, live_dir: Path | None = None) -> dict[str, Any]:
     """Distil the teacher's labels (`labels_dir`) into the sft student (`sft_dir`) with `cfg`'s loss and budget."""
     import torch
-    from transformers import AutoTokenizer
 
     from edgeqa.data.manifest import reference_answer
     from edgeqa.student.features import load as load_features
     from edgeqa.student.kd import DistillLoss
-    from edgeqa.student.model import TOKENIZER_DIR, StudentModel, is_student_folder
-    from edgeqa.student.train import Example, fit, read_labels
-    from edgeqa.student.vocab import PrunedTokenizer
-    from edgeqa.vlm.model import Layout, VisionLM
+    from edgeqa.student.train import Example, fit, load_student, read_labels, read_splits
+    from edgeqa.vlm.model import VisionLM
 
     t0 = time.perf_counter()
     torch.set_num_threads(student.threads)
-    if not is_student_folder(sft_dir):
-        raise StageError(f"{sft_dir} is not a student folder: run the sft stage first")
-    model = StudentModel.from_pretrained(sft_dir)
-    base_tok = AutoTokenizer.from_pretrained(sft_dir / TOKENIZER_DIR)
-    tok = PrunedTokenizer(base_tok, model.config.vocab_map)
-    schema = model.config.schema()
-    layout = Layout.build(tok, schema)
-    df = pd.read_parquet(manifest)
-    lab = df[df.split == "labelled"].reset_index(drop=True)
-    unl = df[df.split == "unlabelled"].reset_index(drop=True)
-    val = df[df.split == "val"].reset_index(drop=True)
+    st = load_student(sft_dir, "distill")
+    model, base_tok, tok, layout, schema = st.model, st.base_tok, st.tok, st.layout, st.schema
+    sp = read_splits(manifest, "distill")
+    lab, unl, val = sp.labelled, sp.unlabelled, sp.val
     kx = kd_examples(layout, tok, lab, unl, read_labels(labels_dir), cfg.weights, cfg.top_k, "distill.weights")
     ex, shas, kinds, dropped, missing = kx.examples, kx.shas, kx.kinds, kx.dropped, kx.missing
     val_ex = [Example(len(shas) + i, reference_answer(r), "human", 1.0) for i, (_, r) in enumerate(val.iterrows())]

@@ -58,6 +58,7 @@ def run(cfg: SFTConfig, student: StudentConfig, defect_types: Sequence[str] | No
         frozen_features,
         new_student,
         read_labels,
+        read_splits,
         teacher_answer,
         teacher_reason_ids,
     )
@@ -67,12 +68,8 @@ def run(cfg: SFTConfig, student: StudentConfig, defect_types: Sequence[str] | No
         raise StageError(f"role {role!r}: allowed sft, baseline")
     t0 = time.perf_counter()
     torch.set_num_threads(student.threads)
-    df = pd.read_parquet(manifest)
-    lab = df[df.split == "labelled"].reset_index(drop=True)
-    unl = df[df.split == "unlabelled"].reset_index(drop=True)
-    val = df[df.split == "val"].reset_index(drop=True)
-    if lab.empty or val.empty:
-        raise StageError(f"{role}: {manifest} needs labelled and val images (got {len(lab)} and {len(val)})")
+    sp = read_splits(manifest, role)
+    df, lab, unl, val = sp.all, sp.labelled, sp.unlabelled, sp.val
     labels = read_labels(labels_dir)
     schema = schema_for(defect_types, df)
     texts, extra = vocab_sources(df, labels, student.vocab_soft_min_prob)

@@ -71,6 +71,55 @@ def read_labels(labels_dir: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+@dataclass
+class Splits:
+    """The manifest's rows a student stage reads: all of them, and the labelled / unlabelled / val splits."""
+    all: pd.DataFrame
+    labelled: pd.DataFrame
+    unlabelled: pd.DataFrame
+    val: pd.DataFrame
+
+
+def read_splits(manifest: Path, stage: str) -> Splits:
+    """The manifest's splits; `stage` names the caller in the error when labelled or val is empty."""
+    df = pd.read_parquet(manifest)
+    lab, unl, val = (df[df.split == s].reset_index(drop=True) for s in ("labelled", "unlabelled", "val"))
+    if lab.empty or val.empty:
+        raise StageError(f"{stage}: {manifest} needs labelled and val images (got {len(lab)} and {len(val)})")
+    return Splits(df, lab, unl, val)
+
+
+@dataclass
+class LoadedStudent:
+    """A saved student loaded for further training: the model, the teacher tokenizer saved beside it, the
+    pruned-vocabulary tokenizer over it, and the prompt layout."""
+    model: Any
+    base_tok: Any
+    tok: Any
+    layout: Any
+
+    @property
+    def schema(self) -> AnswerSchema:
+        return self.model.config.schema()
+
+
+def load_student(folder: Path, stage: str) -> LoadedStudent:
+    """Load the student in `folder`; `stage` names the caller (and the stage to run) when it is not one."""
+    from transformers import AutoTokenizer
+
+    from edgeqa.student.model import TOKENIZER_DIR, StudentModel, is_student_folder
+    from edgeqa.student.vocab import PrunedTokenizer
+    from edgeqa.vlm.model import Layout
+
+    if not is_student_folder(folder):
+        raise StageError(f"{stage}: {folder} is not a student folder (no config.json of a student model); "
+                         f"run the stage that writes it first (dvc repro)")
+    model = StudentModel.from_pretrained(folder)
+    base_tok = AutoTokenizer.from_pretrained(folder / TOKENIZER_DIR)
+    tok = PrunedTokenizer(base_tok, model.config.vocab_map)
+    return LoadedStudent(model, base_tok, tok, Layout.build(tok, model.config.schema()))
+
+
 def teacher_answer(rec: dict[str, Any]) -> Answer:
     return Answer(rec["verdict"], rec["type"], rec["location"], rec["reason"])
 
