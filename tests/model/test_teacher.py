@@ -152,7 +152,8 @@ def test_verdict_and_type_in_one_pass_equal_the_separate_passes(tiny_teacher, ti
 
     t = LocalTeacher(tiny_teacher["dir"])
     df = pd.read_parquet(tiny_manifest).head(5)
-    tokens = torch.from_numpy(image_features(t.backbone, list(df.path), t.meta.image_size, t.meta.grid)["tokens"])
+    tokens = torch.from_numpy(image_features(t.backbone, list(df.path), t.meta.image_size, t.meta.grid,
+                                            token_blocks=t.meta.token_blocks)["tokens"])
     (d1, vs1), tl1 = t.model.verdict_and_type(tokens)
     d2, vs2 = t.model.verdict_logits(tokens)
     tl2 = t.model.type_logprobs(tokens)

@@ -52,3 +52,23 @@ def test_pareto_plot_is_a_png_written_by_rename(tmp_path):
     with Image.open(out) as im:
         assert im.format == "PNG" and im.size == (900, 560)
     assert [p.name for p in tmp_path.iterdir()] == ["models_pareto.png"]
+
+
+def test_progress_logs_at_most_every_interval_and_at_the_end(caplog):
+    import logging
+
+    from edgeqa.progress import Progress
+
+    log = logging.getLogger("edgeqa.test_progress")
+    p = Progress(log, "label", 10, "images", every_s=3600)
+    with caplog.at_level(logging.INFO, logger="edgeqa.test_progress"):
+        for i in range(1, 10):
+            p.update(i, loss=0.5)
+        assert not caplog.records, "nothing before the interval has passed"
+        p.update(10, loss=0.25)
+    assert len(caplog.records) == 1
+    msg = caplog.records[0].getMessage()
+    assert msg.startswith("label: 10/10 images (100 %), loss 0.25,") and "elapsed" in msg and "ETA" not in msg
+    p0 = Progress(log, "train", 200, "steps", every_s=0)
+    mid = p0.line(50, p0.t0 + 10.0)
+    assert "50/200 steps (25 %)" in mid and "5 steps/s" in mid and "ETA 0m30s" in mid

@@ -112,6 +112,7 @@ def test_compute_type_location_reason_figures():
     assert m["type_accuracy_in_answer"] == 0.5, "the answer of a missed defect states no type"
     assert m["location_accuracy"] == 0.5 and m["reason_names_type_and_location"] == 0.5
     assert m["reason_names_type"] == 0.5, "the missed defect's 'no crack or hole' names no type"
+    assert m["reason_agrees_with_answer"] == 1.0 and m["reason_agrees_with_answer_defective"] == 1.0
     attrs = m["reason_attributes"]
     assert attrs["size_class"]["accuracy_when_stated"] == 1.0 and attrs["orientation"]["accuracy_when_stated"] == 0.0
     assert m["reason_similarity_defective"] == pytest.approx(0.7) and m["reason_similarity_good"] == pytest.approx(0.6)
@@ -125,7 +126,7 @@ def test_compute_without_types_or_masks_reports_na():
     recs = [_rec(s, "good", None, None, "fine", 0.5) for s in rows.sha256]
     m = compute(rows, recs, (), SIZES, None, 0, 0)
     for k in ("type_accuracy", "location_accuracy", "reason_names_type", "reason_names_location",
-              "reason_attributes", "reason_similarity"):
+              "reason_attributes", "reason_similarity", "reason_agrees_with_answer_defective"):
         assert m[k] is None, k
 
 
@@ -135,3 +136,16 @@ def test_compute_refuses_misaligned_predictions():
     recs = [_rec(s, "good", None, None, "fine", 0.5) for s in ["2", "1", "3", "4"]]
     with pytest.raises(StageError, match="not aligned"):
         compute(_rows(), recs, (), SIZES, None, 0, 0)
+
+
+def test_reason_agrees_with_the_answers_own_fields():
+    types = ("crack", "hole", "stain")
+    agrees = M.reason_agrees
+    assert agrees("defective", "crack", "upper left", "a thin crack in the upper left region", types)
+    assert not agrees("defective", "crack", "upper left", "a round hole in the upper left region", types)
+    assert not agrees("defective", "crack", "upper left", "a crack in the lower right region", types)
+    assert not agrees("defective", "crack", "top", "a crack next to a hole at the top", types), "two types named"
+    assert agrees("defective", "crack", None, "a crack", types), "no location in the answer: nothing to check"
+    assert agrees("good", None, None, "no defect is visible, no crack, hole or stain", types)
+    assert not agrees("good", None, None, "a dark stain at the center", types), "a good answer pins a stain"
+    assert agrees("good", None, None, "the surface is uniform", ())

@@ -208,6 +208,7 @@ class TeacherConfig(_Section):
     seed: int = Field(ge=0)
     image_size: int = Field(ge=64, le=1024)
     grid: int = Field(ge=1, le=8)
+    token_blocks: list[int]
     projector_hidden: int = Field(ge=16)
     lora_r: int = Field(ge=1, le=256)
     lora_alpha: int = Field(ge=1)
@@ -222,6 +223,15 @@ class TeacherConfig(_Section):
     max_reason_tokens: int = Field(ge=1, le=256)
     top_k: int = Field(ge=1, le=100)
     threads: int = Field(ge=1, le=64)
+
+    @field_validator("token_blocks")
+    @classmethod
+    def _token_blocks(cls, v: list[int]) -> list[int]:
+        bad = [b for b in v if not 0 <= b <= 15]
+        if bad or len(set(v)) != len(v):
+            raise ValueError(f"teacher.token_blocks {v}: distinct Lite0 block indices 0..15 (block 10 is the "
+                             "stride-16, 112-channel map)")
+        return v
 
     @model_validator(mode="after")
     def _hf_path(self) -> TeacherConfig:

@@ -23,6 +23,7 @@ from edgeqa.config import GRID_WORDS, EvaluateConfig
 from edgeqa.errors import StageError
 from edgeqa.evaluation import metrics as M
 from edgeqa.io import atomic_write_text, write_json
+from edgeqa.progress import Progress
 from edgeqa.report import fmt, md_table
 
 log = logging.getLogger("edgeqa.evaluate")
@@ -104,6 +105,13 @@ def compute(rows: pd.DataFrame, recs: list[dict[str, Any]], types: tuple[str, ..
     out["reason_names_type_and_location"] = float(np.mean([
         M.names_type(recs[i]["reason"], str(rows.defect_type.iloc[i]), types)
         and str(rows.location.iloc[i]) in M.grid_words_in(recs[i]["reason"]) for i in both])) if both else None
+    # Agreement of the reason with the answer's own fields (verdict, type, location), whatever the truth.
+    agree = [M.reason_agrees(r["verdict"], r["type"], r["location"], r["reason"], types) for r in recs
+             if r["parse_ok"]]
+    agree_d = [M.reason_agrees(r["verdict"], r["type"], r["location"], r["reason"], types) for r in recs
+               if r["parse_ok"] and r["verdict"] == "defective"]
+    out["reason_agrees_with_answer"] = float(np.mean(agree)) if agree else None
+    out["reason_agrees_with_answer_defective"] = float(np.mean(agree_d)) if agree_d else None
     fact_rows = [i for i in d if pd.notna(rows.size_class.iloc[i])]
     if fact_rows:
         truths = [{"size_class": str(rows.size_class.iloc[i]), "n_regions": str(int(rows.n_regions.iloc[i])),
@@ -131,7 +139,8 @@ def render(model: str, split: str, m: dict[str, Any]) -> str:
     keys = ["images", "defective", "good", "auroc", "verdict_accuracy", "verdict_f1", "miss_rate", "overkill_rate",
             "type_accuracy", "type_accuracy_macro", "type_accuracy_in_answer", "location_accuracy",
             "location_accuracy_in_answer", "reason_names_type", "reason_names_location",
-            "reason_names_type_and_location", "reason_similarity", "reason_similarity_defective",
+            "reason_names_type_and_location", "reason_agrees_with_answer", "reason_agrees_with_answer_defective",
+            "reason_similarity", "reason_similarity_defective",
             "reason_similarity_good", "parse_rate", "parse_failures", "retried", "generated_tokens_per_image",
             "images_per_s", "seconds"]
     body = [f"# evaluate: {model}\n", f"Split `{split}`. n/a: the data cannot support the figure.\n",
@@ -193,10 +202,12 @@ def run(cfg: EvaluateConfig, size_classes: Sequence[str], model: str, model_dir:
     ph = prompt_hash(PROMPT + STRICT_PROMPT + repr(schema.options()))
     recs: list[dict[str, Any]] = []
     t1 = time.perf_counter()
+    prog = Progress(log, f"evaluate@{model}", len(rows), "images")
     for i in range(0, len(rows), cfg.batch_size):
         for r in answer_records(teacher, rows.iloc[i:i + cfg.batch_size], ph, cfg.max_reason_tokens, 1):
             r.pop("soft_targets", None)  # distillation targets are label's business, not evaluation's
             recs.append(r)
+        prog.update(len(recs))
     t_pred = time.perf_counter() - t1
     sim = (reason_similarity([r["reason"] for r in recs], [str(x) for x in rows.reason])
            if cfg.reason_similarity else None)

@@ -67,6 +67,19 @@ def names_type(reason: str, defect_type: str, types: Sequence[str] = ()) -> bool
     return _mentions(reason, defect_type) and not any(_mentions(reason, t) for t in types if t != defect_type)
 
 
+def reason_agrees(verdict: str | None, defect_type: str | None, location: str | None, reason: str,
+                  types: Sequence[str]) -> bool:
+    """The reason says what the answer's own fields say. A defective answer's reason names its type (and no
+    other of `types`) and its location word; a good answer's reason pins no single defect type on the image.
+    Judged against the answer, not the truth: a reason that contradicts its own verdict misleads whoever reads
+    it, right or wrong."""
+    if verdict == "defective":
+        ok_type = defect_type is None or not types or names_type(reason, defect_type, types)
+        ok_loc = location is None or location in grid_words_in(reason)
+        return ok_type and ok_loc
+    return not any(names_type(reason, t, types) for t in types)
+
+
 def stated_attributes(reason: str, size_classes: Sequence[str]) -> dict[str, str]:
     """The mask attributes a reason states, in the words of the reference reasons (edgeqa.data.maskfacts)."""
     r = reason.lower()

@@ -21,7 +21,8 @@ from edgeqa.report import fmt, md_table
 log = logging.getLogger("edgeqa.retention")
 TEACHER, BASELINE = "teacher", "baseline"  # the two reference rows every table needs
 METRICS = ("auroc", "verdict_accuracy", "verdict_f1", "miss_rate", "overkill_rate", "type_accuracy",
-           "location_accuracy", "reason_names_type_and_location", "reason_similarity", "parse_rate")
+           "location_accuracy", "reason_names_type_and_location", "reason_agrees_with_answer", "reason_similarity",
+           "parse_rate")
 LOWER_IS_BETTER = {"miss_rate", "overkill_rate"}
 
 

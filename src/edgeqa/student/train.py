@@ -23,6 +23,7 @@ import torch
 from edgeqa.config import StudentConfig, StudentStageConfig
 from edgeqa.errors import StageError
 from edgeqa.io import atomic_dir
+from edgeqa.progress import Progress
 from edgeqa.student.kd import DistillLoss
 from edgeqa_runtime.schema import Answer, AnswerSchema
 
@@ -279,6 +280,7 @@ def train(cfg: StudentConfig, model: Any, vlm: Any, feats: torch.Tensor, train_e
     losses: list[float] = []
     step = 0
     stopped = False
+    prog = Progress(log, "train", steps, "steps")
     while step < steps:
         if not order:
             order = rng.permutation(len(train_ex)).tolist()
@@ -295,6 +297,7 @@ def train(cfg: StudentConfig, model: Any, vlm: Any, feats: torch.Tensor, train_e
         opt.zero_grad()
         losses.append(loss.item())
         step += 1
+        prog.update(step, loss=float(np.mean(losses[-cfg.eval_every:])))
         if step % cfg.eval_every == 0 or step == steps:
             vl, auc = val_eval()
             h = {"step": step, "train_loss": float(np.mean(losses)), "val_loss": vl, "val_auroc": auc}

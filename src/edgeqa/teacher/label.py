@@ -26,6 +26,7 @@ from edgeqa.answerer import Answerer
 from edgeqa.config import LabelConfig
 from edgeqa.errors import StageError
 from edgeqa.io import atomic_write_text, write_json
+from edgeqa.progress import Progress
 from edgeqa.report import md_table
 from edgeqa_runtime.schema import PROMPT, STRICT_PROMPT, Answer, AnswerParseError
 
@@ -78,8 +79,6 @@ def run(cfg: LabelConfig, max_reason_tokens: int, top_k: int, threads: int, teac
         out: Path, metrics: Path | None = None, report: Path | None = None) -> dict[str, Any]:
     """The teacher in `teacher_dir` labels the pools `cfg.pools` of `manifest`, batch by batch through the
     resume cache, into `out/labels.jsonl`. Generation: `max_reason_tokens` per reason, `top_k` soft targets."""
-    from tqdm import tqdm
-
     from edgeqa.teacher.local import load_teacher
 
     t0 = time.perf_counter()
@@ -96,17 +95,22 @@ def run(cfg: LabelConfig, max_reason_tokens: int, top_k: int, threads: int, teac
     batches = [pool.iloc[i:i + bs] for i in range(0, len(pool), bs)]
     reused = computed = 0
     t_pred = 0.0
-    for b in tqdm(batches, desc="label", unit="batch", mininterval=5):
+    prog = Progress(log, "label", len(pool), "images")
+    done = 0
+    for b in batches:
         key = hashlib.sha256("".join(b.sha256).encode()).hexdigest()[:20]
         f = cache / f"{key}.jsonl"
+        done += len(b)
         if f.exists():
             reused += 1
+            prog.update(done, cached_batches=reused)
             continue
         t1 = time.perf_counter()
         lines = [json.dumps(r, sort_keys=True) for r in answer_records(teacher, b, ph, max_reason_tokens, top_k)]
         t_pred += time.perf_counter() - t1
         atomic_write_text(f, "\n".join(lines) + "\n")
         computed += 1
+        prog.update(done, cached_batches=reused)
     records = []
     for b in batches:
         key = hashlib.sha256("".join(b.sha256).encode()).hexdigest()[:20]

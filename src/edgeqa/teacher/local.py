@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ class TeacherMeta:
     ensemble: dict[str, float]  # logistic regression on [lm_logit / T, anomaly_z]: w_lm, w_anomaly, bias
     anomaly_mean: float
     anomaly_std: float
+    token_blocks: list[int] = field(default_factory=list)  # folders from before token blocks pooled none
 
     def schema(self) -> AnswerSchema:
         return AnswerSchema(types=tuple(self.types), locations=tuple(self.locations))
@@ -107,7 +108,8 @@ class LocalTeacher:
 
         from edgeqa.vlm.vision import image_features
 
-        f = image_features(self.backbone, paths, self.meta.image_size, self.meta.grid)
+        f = image_features(self.backbone, paths, self.meta.image_size, self.meta.grid,
+                           token_blocks=self.meta.token_blocks)
         tokens = torch.from_numpy(f["tokens"])
         verdict, type_lp = self.model.verdict_and_type(tokens)  # one pass, reused by predict
         anomaly = anomaly_scores(f["patches"], self.bank) if self.bank is not None else None

@@ -25,6 +25,7 @@ from edgeqa.data.manifest import reference_answer, schema_for
 from edgeqa.errors import StageError
 from edgeqa.evaluation.metrics import auroc
 from edgeqa.io import atomic_dir, atomic_write_text, write_json
+from edgeqa.progress import Progress
 from edgeqa.report import md_table
 from edgeqa_runtime.schema import AnswerSchema
 
@@ -82,8 +83,8 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
     has_masks = bool(df["mask_path"].notna().any())
     schema = AnswerSchema.for_dataset(defect_types, has_masks)
     backbone = load_lite0()
-    ftr = image_features(backbone, list(train.path), cfg.image_size, cfg.grid)
-    fva = image_features(backbone, list(val.path), cfg.image_size, cfg.grid)
+    ftr = image_features(backbone, list(train.path), cfg.image_size, cfg.grid, token_blocks=cfg.token_blocks)
+    fva = image_features(backbone, list(val.path), cfg.image_size, cfg.grid, token_blocks=cfg.token_blocks)
     t_feat = time.perf_counter() - t0
 
     tok = AutoTokenizer.from_pretrained(base_lm_dir)
@@ -116,6 +117,8 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
 
         live = Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None)
     best, best_state, bad, history = float("inf"), None, 0, []
+    per_epoch = -(-len(a_tr) // cfg.batch_size)
+    prog = Progress(log, "teacher_sft", cfg.epochs * per_epoch, "steps")  # the total if no early stop
     for epoch in range(cfg.epochs):
         lm.train()
         proj.train()
@@ -128,6 +131,7 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
             opt.step()
             opt.zero_grad()
             losses.append(loss.item())
+            prog.update(epoch * per_epoch + len(losses), epoch=epoch + 1, loss=float(np.mean(losses[-20:])))
         vl = val_loss()
         d, _ = model.verdict_logits(x_va)
         auc = auroc(y_va, d.numpy())
@@ -183,7 +187,7 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
     meta = TeacherMeta(base_lm_dir=str(base_lm_dir), image_size=cfg.image_size, grid=cfg.grid,
                        types=list(schema.types), locations=list(schema.locations), verdict_temperature=t_verdict,
                        type_temperature=t_type, anomaly=cfg.anomaly, ensemble=ens, anomaly_mean=a_mean,
-                       anomaly_std=a_std)
+                       anomaly_std=a_std, token_blocks=list(cfg.token_blocks))
     if cfg.anomaly:
         from edgeqa.teacher.local import ensemble_p
 

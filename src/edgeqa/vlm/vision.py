@@ -59,32 +59,53 @@ def pooled_features(model: Any, paths: Sequence[str | Path], size: int = 224, ba
     return np.concatenate(out)
 
 
-def lite0_maps(model: Any, x: Any) -> tuple[Any, Any]:
-    """(stride-16 map after block 10, 112 ch; final 1280-ch map), from one pass of the frozen backbone."""
+LITE0_BLOCKS = 16  # Lite0's MBConv blocks: 0 s2 16ch, 1-2 s4 24ch, 3-4 s8 40ch, 5-7 s16 80ch, 8-10 s16 112ch, 11-15 s32
+
+
+def lite0_maps(model: Any, x: Any, blocks: Sequence[int] = (10,)) -> tuple[list[Any], Any]:
+    """(the maps after each of `blocks`, in that order; the final 1280-ch map), from one pass of the frozen
+    backbone. Block 10 is the stride-16, 112-channel map."""
     x = model._swish(model._bn0(model._conv_stem(x)))
-    mid = None
+    mids: dict[int, Any] = {}
     for idx, block in enumerate(model._blocks):
         x = block(x, drop_connect_rate=0.0)
-        if idx == 10:
-            mid = x
+        if idx in blocks:
+            mids[idx] = x
     final = model._swish(model._bn1(model._conv_head(x)))
-    return mid, final
+    return [mids[b] for b in blocks], final
 
 
-def image_features(model: Any, paths: Sequence[str | Path], size: int, grid: int,
-                   batch: int = 16) -> dict[str, np.ndarray]:
-    """Per image: `tokens` (grid*grid, 2*1280) = average and max pooled final map, for the projector;
-    `patches` (P, 112) = 3x3-neighbourhood-averaged stride-16 features, for patch anomaly evidence."""
+def token_dim(token_blocks: Sequence[int]) -> int:
+    """The width of one image token: average and max pooled final map plus each of `token_blocks`' maps."""
+    return 2 * (1280 + sum(_BLOCK_CHANNELS[b] for b in token_blocks))
+
+
+_BLOCK_CHANNELS = {0: 16, 1: 24, 2: 24, 3: 40, 4: 40, 5: 80, 6: 80, 7: 80, 8: 112, 9: 112, 10: 112, 11: 192,
+                   12: 192, 13: 192, 14: 192, 15: 320}
+
+
+def image_features(model: Any, paths: Sequence[str | Path], size: int, grid: int, batch: int = 16,
+                   token_blocks: Sequence[int] = ()) -> dict[str, np.ndarray]:
+    """Per image: `tokens` (grid*grid, token_dim(token_blocks)) = average and max pooled final map, then the
+    same for each map in `token_blocks` (mid-level maps keep the local defect signal that ImageNet's last
+    layer discards), for the projector; `patches` (P, 112) = 3x3-neighbourhood-averaged stride-16 features of
+    block 10, for patch anomaly evidence."""
     import torch
     import torch.nn.functional as F
 
+    bad = [b for b in token_blocks if b not in _BLOCK_CHANNELS]
+    if bad:
+        raise StageError(f"token blocks {bad}: Lite0 has blocks 0..{LITE0_BLOCKS - 1}")
+    want = sorted(set(token_blocks) | {10})
     toks, pats = [], []
     with torch.inference_mode():
         for i in range(0, len(paths), batch):
-            mid, final = lite0_maps(model, to_tensor(paths[i:i + batch], size))
-            avg = F.adaptive_avg_pool2d(final, grid)
-            mx = F.adaptive_max_pool2d(final, grid)
-            toks.append(torch.cat([avg, mx], 1).flatten(2).transpose(1, 2).numpy())
-            local = F.avg_pool2d(mid, 3, stride=1, padding=1)
+            mids, final = lite0_maps(model, to_tensor(paths[i:i + batch], size), want)
+            by_block = dict(zip(want, mids))
+            parts = []
+            for m in [final] + [by_block[b] for b in token_blocks]:
+                parts += [F.adaptive_avg_pool2d(m, grid), F.adaptive_max_pool2d(m, grid)]
+            toks.append(torch.cat(parts, 1).flatten(2).transpose(1, 2).numpy())
+            local = F.avg_pool2d(by_block[10], 3, stride=1, padding=1)
             pats.append(local.flatten(2).transpose(1, 2).numpy())
     return {"tokens": np.concatenate(toks).astype(np.float32), "patches": np.concatenate(pats).astype(np.float32)}
