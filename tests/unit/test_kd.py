@@ -144,3 +144,18 @@ def test_distill_loss_refuses_bad_settings():
         DistillLoss(alpha=1.5)
     with pytest.raises(ValueError, match="temperature"):
         DistillLoss(alpha=0.5, temperature=0.0)
+
+
+def test_a_temperature_is_not_fitted_on_a_val_that_cannot_support_it():
+    import numpy as np
+
+    from edgeqa.errors import StageError
+    from edgeqa.vlm.model import fit_temperature
+
+    z = np.array([2.0, -1.0, 0.5, -3.0])
+    assert 0.05 <= fit_temperature(z, np.array([1, 0, 1, 0]), binary=True) <= 20.0
+    for bad in (np.array([1, 1, 1, 1]), np.array([0, 0, 0, 0])):
+        with pytest.raises(StageError, match="4 images, [04] defective; it needs defective and good"):
+            fit_temperature(z, bad, binary=True)
+    with pytest.raises(StageError, match="0 images"):
+        fit_temperature(np.zeros((0, 3)), np.zeros(0, int), binary=False)

@@ -75,6 +75,27 @@ def _parse_error(schema: Any, pr: dict[str, Any]) -> str | None:
     return None
 
 
+def read_cache_entry(f: Path, rows: pd.DataFrame, fingerprint: str, ph: str) -> list[str]:
+    """A cached batch's lines, after checking they are this batch's answers from this teacher and prompt: one
+    JSON record per image, in the batch's order, with the teacher fingerprint and prompt hash of this run.
+    Anything else (truncated, edited, another teacher's) is refused, naming the file and the first fault."""
+    lines = f.read_text().splitlines()
+    fix = f"; delete {f} (or the whole cache folder) and rerun label"
+    if len(lines) != len(rows):
+        raise StageError(f"label cache {f}: {len(lines)} records for a batch of {len(rows)} images{fix}")
+    for n, (line, sha) in enumerate(zip(lines, rows.sha256), 1):
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise StageError(f"label cache {f}: line {n} is not JSON ({exc}){fix}") from None
+        if not isinstance(r, dict):
+            raise StageError(f"label cache {f}: line {n} is not a label record{fix}")
+        for key, want in (("sha256", sha), ("teacher", fingerprint), ("prompt_hash", ph)):
+            if r.get(key) != want:
+                raise StageError(f"label cache {f}: line {n} has {key} {r.get(key)!r}, expected {want!r}{fix}")
+    return lines
+
+
 def run(cfg: LabelConfig, max_reason_tokens: int, top_k: int, threads: int, teacher_dir: Path, manifest: Path,
         out: Path, metrics: Path | None = None, report: Path | None = None) -> dict[str, Any]:
     """The teacher in `teacher_dir` labels the pools `cfg.pools` of `manifest`, batch by batch through the
@@ -102,6 +123,7 @@ def run(cfg: LabelConfig, max_reason_tokens: int, top_k: int, threads: int, teac
         f = cache / f"{key}.jsonl"
         done += len(b)
         if f.exists():
+            read_cache_entry(f, b, teacher.fingerprint, ph)
             reused += 1
             prog.update(done, cached_batches=reused)
             continue
@@ -114,7 +136,7 @@ def run(cfg: LabelConfig, max_reason_tokens: int, top_k: int, threads: int, teac
     records = []
     for b in batches:
         key = hashlib.sha256("".join(b.sha256).encode()).hexdigest()[:20]
-        records += (cache / f"{key}.jsonl").read_text().splitlines()
+        records += read_cache_entry(cache / f"{key}.jsonl", b, teacher.fingerprint, ph)
     atomic_write_text(out / "labels.jsonl", "\n".join(records) + "\n")
     for other in (out / "cache").iterdir():  # caches of other teachers or prompts can never be reused
         if other != cache:

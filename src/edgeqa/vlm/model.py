@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from edgeqa.errors import StageError
 from edgeqa.vlm.scoring import first_token_scores, first_tokens_distinct, option_token_ids, score_options
 from edgeqa_runtime.schema import FIELDS, PROMPT, Answer, AnswerSchema
 
@@ -301,7 +302,14 @@ def _topk(position: str, logprobs: torch.Tensor, k: int) -> dict[str, Any]:
 
 
 def fit_temperature(logits: np.ndarray, targets: np.ndarray, binary: bool) -> float:
-    """Temperature minimising NLL on held-out data (grid search over log-spaced values; robust, no optimiser)."""
+    """Temperature minimising NLL on held-out data (grid search over log-spaced values; robust, no optimiser).
+    Held-out data that cannot support the fit (no rows; one class only, for the verdict) is refused with the
+    counts, rather than fitted to a meaningless or NaN temperature."""
+    n_pos = int(np.sum(targets)) if binary else len(targets)
+    if len(targets) == 0 or (binary and n_pos in (0, len(targets))):
+        raise StageError(f"fitting a {'verdict' if binary else 'type'} temperature on val: {len(targets)} images, "
+                         f"{n_pos} defective; it needs defective and good images in val (raise ingest.splits.val, "
+                         "or validate.min_per_class_split so validation refuses such a split first)")
     best_t, best = 1.0, float("inf")
     for t in np.exp(np.linspace(np.log(0.05), np.log(20.0), 121)):
         if binary:
