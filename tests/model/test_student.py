@@ -143,6 +143,22 @@ def test_finetune_lora_stage_saves_a_merged_student(tiny_params, base_lm_dir, ti
     assert not any("lora_" in n for n, _ in st.model.named_parameters())
 
 
+def test_the_same_student_stage_run_twice_gives_identical_metrics(tiny_params, base_lm_dir, tiny_teacher,
+                                                                  tiny_manifest, tiny_labels, tiny_students, tmp_path):
+    """Seeded and deterministic on one machine: a rerun of `baseline` reproduces every figure and every weight
+    (the session fixture's run is the first)."""
+    from safetensors.numpy import load_file
+
+    again = run_sft(tiny_params, "baseline", base_lm_dir, tiny_teacher["dir"], tiny_manifest, tiny_labels,
+                    tiny_students["features"], tmp_path / "baseline")
+    first = tiny_students["baseline_metrics"]
+    skip = {"seconds", "feature_seconds", "train_seconds"}
+    assert {k: v for k, v in again.items() if k not in skip} == {k: v for k, v in first.items() if k not in skip}
+    w1 = load_file(str(tiny_students["baseline"] / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "baseline" / "model.safetensors"))
+    assert w1.keys() == w2.keys() and all((w1[k] == w2[k]).all() for k in w1)
+
+
 def test_gpt2_variant_builds_trains_and_generates(tiny_params, base_lm_dir, tiny_teacher, tiny_manifest, tiny_labels,
                                                    tiny_students, tmp_path):
     from edgeqa.student.model import Student

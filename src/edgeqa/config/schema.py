@@ -210,6 +210,7 @@ class TeacherConfig(_Section):
     grid: int = Field(ge=1, le=8)
     token_blocks: list[int]
     projector_hidden: int = Field(ge=16)
+    projector_norm: bool
     lora_r: int = Field(ge=1, le=256)
     lora_alpha: int = Field(ge=1)
     lora_targets: list[str] = Field(min_length=1)
@@ -217,6 +218,8 @@ class TeacherConfig(_Section):
     batch_size: int = Field(ge=1, le=256)
     lr_projector: float = Field(gt=0, le=1)
     lr_lora: float = Field(gt=0, le=1)
+    align_steps: int = Field(ge=0, le=100000)
+    lr_align: float = Field(gt=0, le=1)
     key_token_weight: float = Field(ge=1.0, le=100.0)
     patience: int = Field(ge=1)
     anomaly: bool

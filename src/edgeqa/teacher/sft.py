@@ -57,6 +57,45 @@ def describe_remote(cfg: TeacherConfig, defect_types: Sequence[str] | None, mani
     return res
 
 
+def align_projector(proj: Any, x: Any, rows: pd.DataFrame, schema: AnswerSchema, steps: int, lr: float,
+                    batch_size: int, rng: np.random.Generator) -> list[dict[str, float]]:
+    """"Align before you talk" (LLaVA's stage 1, with labels instead of captions): train the projector, with
+    throw-away linear heads on its mean output token, to predict the verdict, the defect type and the location
+    of the labelled images, before the LM is adapted. The LM then starts from image embeddings in which those
+    answers are linearly readable. Returns the loss curve (every 10 steps)."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    hid = proj.config.lm_hidden
+    types, locs = list(schema.types), list(schema.locations)
+    heads = {"verdict": nn.Linear(hid, 2)}
+    y = {"verdict": torch.tensor((rows.label == "defective").to_numpy().astype(np.int64))}
+    for name, classes, col in (("type", types, "defect_type"), ("location", locs, "location")):
+        if classes:
+            heads[name] = nn.Linear(hid, len(classes))
+            y[name] = torch.tensor([classes.index(v) if isinstance(v, str) and v in classes else -100
+                                    for v in rows[col]], dtype=torch.int64)
+    head_params = [q for h in heads.values() for q in h.parameters()]
+    opt = torch.optim.AdamW(list(proj.parameters()) + head_params, lr=lr, weight_decay=0.0)
+    curve, order = [], np.zeros(0, np.int64)
+    proj.train()
+    for step in range(steps):
+        if len(order) < batch_size:
+            order = np.concatenate([order, rng.permutation(len(rows))])
+        idx, order = torch.from_numpy(order[:batch_size]), order[batch_size:]
+        z = proj(x[idx]).mean(1)
+        loss = sum(F.cross_entropy(h(z), y[k][idx], ignore_index=-100) for k, h in heads.items()
+                   if (y[k][idx] != -100).any())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if (step + 1) % 10 == 0 or step + 1 == steps:
+            curve.append({"step": step + 1, "loss": float(loss)})
+            log.info("align: step %d/%d, aux loss %.4f", step + 1, steps, float(loss))
+    return curve
+
+
 def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Path, manifest: Path, out: Path,
         metrics: Path | None = None, report: Path | None = None, live_dir: Path | None = None) -> dict[str, object]:
     """Fine-tune the local teacher (`teacher` params) on the labelled split of `manifest`; for the hf and openai
@@ -91,10 +130,14 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
     lm: Any = AutoModelForCausalLM.from_pretrained(base_lm_dir)
     lm = get_peft_model(lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_targets,
                                        lora_dropout=0.0, task_type="CAUSAL_LM"))
+    emb_rms = float(lm.get_input_embeddings().weight.detach().pow(2).mean(-1).sqrt().mean())
     proj = Projector(ProjectorConfig(in_dim=ftr["tokens"].shape[-1], n_tokens=cfg.grid * cfg.grid,
-                                     lm_hidden=lm.config.hidden_size, hidden=cfg.projector_hidden))
+                                     lm_hidden=lm.config.hidden_size, hidden=cfg.projector_hidden,
+                                     out_rms=emb_rms if cfg.projector_norm else 0.0))
     proj.fit_standardiser(ftr["tokens"])
     model = VisionLM(lm, tok, proj, Layout.build(tok, schema))
+    align_curve = (align_projector(proj, torch.from_numpy(ftr["tokens"]), train, schema, cfg.align_steps,
+                                   cfg.lr_align, cfg.batch_size, rng) if cfg.align_steps else [])
     opt = torch.optim.AdamW([{"params": [q for q in lm.parameters() if q.requires_grad], "lr": cfg.lr_lora},
                              {"params": list(proj.parameters()), "lr": cfg.lr_projector}], weight_decay=0.0)
     a_tr = [reference_answer(r) for _, r in train.iterrows()]
@@ -209,6 +252,7 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
         "parameters": int(lm_params + sum(q.numel() for q in proj.parameters())
                           + sum(q.numel() for q in backbone.parameters())),
         "locations_known": bool(schema.locations == GRID_WORDS),
+        "align_steps": cfg.align_steps, "align_final_loss": align_curve[-1]["loss"] if align_curve else None,
     }
     if metrics:
         write_json(metrics, res)

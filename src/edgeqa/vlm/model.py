@@ -29,9 +29,10 @@ class ProjectorConfig(PretrainedConfig):
     model_type = "edgeqa_projector"
 
     def __init__(self, in_dim: int = 2560, n_tokens: int = 16, lm_hidden: int = 576, hidden: int = 1024,
-                 **kwargs: Any):
+                 out_rms: float = 0.0, **kwargs: Any):
         super().__init__(**kwargs)
         self.in_dim, self.n_tokens, self.lm_hidden, self.hidden = in_dim, n_tokens, lm_hidden, hidden
+        self.out_rms = out_rms  # > 0: each image token is RMS-normalised to this (the LM's text embeddings' RMS)
 
 
 class Projector(PreTrainedModel):
@@ -63,7 +64,12 @@ class Projector(PreTrainedModel):
         self.std.copy_(flat.std(0).clamp_min(1e-4))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.mlp((tokens - self.mean) / self.std) + self.pos
+        out = self.mlp((tokens - self.mean) / self.std)
+        if self.config.out_rms > 0:
+            # Without this the teacher's projector grew its tokens to ~250x the text embeddings' norm, almost all
+            # of it one vector shared by every image: the image-specific part was ~1 % of what the LM read.
+            out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + 1e-6) * self.config.out_rms
+        return out + self.pos
 
 
 @dataclass
