@@ -66,8 +66,7 @@ class Projector(PreTrainedModel):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         out = self.mlp((tokens - self.mean) / self.std)
         if self.config.out_rms > 0:
-            # Without this the teacher's projector grew its tokens to ~250x the text embeddings' norm, almost all
-            # of it one vector shared by every image: the image-specific part was ~1 % of what the LM read.
+            # Without this the teacher's projector grows its tokens to ~250x the text embeddings' norm.
             out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + 1e-6) * self.config.out_rms
         return out + self.pos
 
