@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from edgeqa import benchrec
@@ -72,3 +74,27 @@ def test_progress_logs_at_most_every_interval_and_at_the_end(caplog):
     p0 = Progress(log, "train", 200, "steps", every_s=0)
     mid = p0.line(50, p0.t0 + 10.0)
     assert "50/200 steps (25 %)" in mid and "5 steps/s" in mid and "ETA 0m30s" in mid
+
+
+def test_the_bench_copy_keeps_a_data_root_outside_the_project_reachable(tmp_path):
+    """mtile's `ingest.root: ../shared/...` must still resolve from the bench's temp copy; a root inside the
+    project (a stage's output, data/synth) stays relative, so the copy's DAG is unchanged."""
+    import subprocess
+
+    import yaml
+
+    from edgeqa.bench import _copy_project
+    from edgeqa.config import load_params
+
+    here = Path(__file__).resolve().parents[2] / "params.yaml"
+    for root_value, outside in (("../shared/datasets/magnetic-tile", True), ("data/synth", False)):
+        src = tmp_path / root_value.split("/")[0].strip(".") / "proj"
+        src.mkdir(parents=True)
+        p = yaml.safe_load(here.read_text())
+        p["ingest"]["root"] = root_value
+        (src / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+        subprocess.run(["git", "init", "-q"], cwd=src, check=True)
+        copy = _copy_project(tmp_path / f"copy-{outside}", src)
+        got = load_params(copy / "params.yaml").ingest.root
+        want = str((src / root_value).resolve()) if outside else root_value
+        assert got == want
