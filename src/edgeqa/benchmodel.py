@@ -101,8 +101,20 @@ def measure(kind: str, folder: Path, paths: list[str], n_tok: int, latency_image
     if kind == "patchknn":
         res["scores"] = [r["anomaly_score"] for r in _answer(kind, mb, paths, n_tok)]
         res["bank_rows"], res["bank_bytes"] = int(m.bank.shape[0]), int(m.bank.nbytes)
-    res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    res["peak_rss_bytes"] = peak_rss_bytes()
     return res
+
+
+def peak_rss_bytes() -> int:
+    """This process's own peak RSS. Linux keeps `ru_maxrss` across fork + exec, so a child started by a big
+    parent reports the parent's peak (every student row once read 1997 MiB, the bench process's size);
+    `VmHWM` belongs to the process's own address space, which exec replaces."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main(argv: list[str] | None = None) -> None:

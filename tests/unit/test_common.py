@@ -98,3 +98,15 @@ def test_the_bench_copy_keeps_a_data_root_outside_the_project_reachable(tmp_path
         got = load_params(copy / "params.yaml").ingest.root
         want = str((src / root_value).resolve()) if outside else root_value
         assert got == want
+
+
+def test_a_bench_child_reports_its_own_peak_rss_not_its_parents():
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    big = np.ones(400 * 2**20 // 8)  # the parent holds 400 MiB when it starts the child
+    code = "from edgeqa.benchmodel import peak_rss_bytes; print(peak_rss_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert big.sum() > 0 and child < 300 * 2**20, f"the child reported {child / 2**20:.0f} MiB"
