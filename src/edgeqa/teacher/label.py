@@ -117,26 +117,21 @@ def run(cfg: LabelConfig, max_reason_tokens: int, top_k: int, threads: int, teac
     reused = computed = 0
     t_pred = 0.0
     prog = Progress(log, "label", len(pool), "images")
-    done = 0
+    records: list[str] = []
     for b in batches:
         key = hashlib.sha256("".join(b.sha256).encode()).hexdigest()[:20]
         f = cache / f"{key}.jsonl"
-        done += len(b)
         if f.exists():
-            read_cache_entry(f, b, teacher.fingerprint, ph)
+            records += read_cache_entry(f, b, teacher.fingerprint, ph)
             reused += 1
-            prog.update(done, cached_batches=reused)
-            continue
-        t1 = time.perf_counter()
-        lines = [json.dumps(r, sort_keys=True) for r in answer_records(teacher, b, ph, max_reason_tokens, top_k)]
-        t_pred += time.perf_counter() - t1
-        atomic_write_text(f, "\n".join(lines) + "\n")
-        computed += 1
-        prog.update(done, cached_batches=reused)
-    records = []
-    for b in batches:
-        key = hashlib.sha256("".join(b.sha256).encode()).hexdigest()[:20]
-        records += read_cache_entry(cache / f"{key}.jsonl", b, teacher.fingerprint, ph)
+        else:
+            t1 = time.perf_counter()
+            lines = [json.dumps(r, sort_keys=True) for r in answer_records(teacher, b, ph, max_reason_tokens, top_k)]
+            t_pred += time.perf_counter() - t1
+            atomic_write_text(f, "\n".join(lines) + "\n")
+            records += lines
+            computed += 1
+        prog.update(len(records), cached_batches=reused)
     atomic_write_text(out / "labels.jsonl", "\n".join(records) + "\n")
     for other in (out / "cache").iterdir():  # caches of other teachers or prompts can never be reused
         if other != cache:
