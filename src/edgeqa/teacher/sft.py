@@ -130,10 +130,10 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
     lm: Any = AutoModelForCausalLM.from_pretrained(base_lm_dir)
     lm = get_peft_model(lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_targets,
                                        lora_dropout=0.0, task_type="CAUSAL_LM"))
-    emb_rms = float(lm.get_input_embeddings().weight.detach().pow(2).mean(-1).sqrt().mean())
+    emb_rms = float(lm.get_input_embeddings().weight.detach().pow(2).mean(-1).sqrt().mean()) \
+        if cfg.projector_norm else 0.0  # the text embeddings' RMS, the image tokens' target scale
     proj = Projector(ProjectorConfig(in_dim=ftr["tokens"].shape[-1], n_tokens=cfg.grid * cfg.grid,
-                                     lm_hidden=lm.config.hidden_size, hidden=cfg.projector_hidden,
-                                     out_rms=emb_rms if cfg.projector_norm else 0.0))
+                                     lm_hidden=lm.config.hidden_size, hidden=cfg.projector_hidden, out_rms=emb_rms))
     proj.fit_standardiser(ftr["tokens"])
     model = VisionLM(lm, tok, proj, Layout.build(tok, schema))
     align_curve = (align_projector(proj, torch.from_numpy(ftr["tokens"]), train, schema, cfg.align_steps,

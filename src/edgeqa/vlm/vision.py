@@ -75,25 +75,16 @@ def lite0_maps(model: Any, x: Any, blocks: Sequence[int] = (10,)) -> tuple[list[
     return [mids[b] for b in blocks], final
 
 
-def token_dim(token_blocks: Sequence[int]) -> int:
-    """The width of one image token: average and max pooled final map plus each of `token_blocks`' maps."""
-    return 2 * (1280 + sum(_BLOCK_CHANNELS[b] for b in token_blocks))
-
-
-_BLOCK_CHANNELS = {0: 16, 1: 24, 2: 24, 3: 40, 4: 40, 5: 80, 6: 80, 7: 80, 8: 112, 9: 112, 10: 112, 11: 192,
-                   12: 192, 13: 192, 14: 192, 15: 320}
-
-
 def image_features(model: Any, paths: Sequence[str | Path], size: int, grid: int, batch: int = 16,
                    token_blocks: Sequence[int] = ()) -> dict[str, np.ndarray]:
-    """Per image: `tokens` (grid*grid, token_dim(token_blocks)) = average and max pooled final map, then the
-    same for each map in `token_blocks` (mid-level maps keep the local defect signal that ImageNet's last
-    layer discards), for the projector; `patches` (P, 112) = 3x3-neighbourhood-averaged stride-16 features of
-    block 10, for patch anomaly evidence."""
+    """Per image: `tokens` (grid*grid, 2 * (1280 + the token blocks' channels)) = average and max pooled final
+    map, then the same for each map in `token_blocks` (mid-level maps keep the local defect signal that
+    ImageNet's last layer discards), for the projector; `patches` (P, 112) = 3x3-neighbourhood-averaged
+    stride-16 features of block 10, for patch anomaly evidence."""
     import torch
     import torch.nn.functional as F
 
-    bad = [b for b in token_blocks if b not in _BLOCK_CHANNELS]
+    bad = [b for b in token_blocks if not 0 <= b < LITE0_BLOCKS]
     if bad:
         raise StageError(f"token blocks {bad}: Lite0 has blocks 0..{LITE0_BLOCKS - 1}")
     want = sorted(set(token_blocks) | {10})
