@@ -25,20 +25,21 @@ BATCH, BATCH_THREADS = 8, 2
 class PatchKNN:
     """A PatchCore-style detector: Lite0 stride-16 features, 3x3 neighbourhood-averaged, nearest neighbour in the
     memory bank of good training patches (the full bank: no coreset), the image score the largest patch
-    distance. The bank and the scoring are the local teacher's anomaly evidence (`edgeqa.teacher.local`)."""
+    distance. The bank and the scoring are the local teacher's anomaly evidence (`edgeqa.teacher.local`); with a
+    tuned-vision teacher, its tuned blocks give the features, as they gave the bank."""
 
     def __init__(self, folder: Path, threads: int):
         import torch
         from safetensors.numpy import load_file
 
-        from edgeqa.vlm.vision import load_lite0
+        from edgeqa.teacher.local import teacher_backbone
 
         torch.set_num_threads(threads)
         meta = json.loads((folder / "teacher.json").read_text())
         if not meta.get("anomaly"):
             raise SystemExit(f"benchmodel patchknn: {folder} holds no anomaly bank (teacher anomaly evidence off)")
         self.size, self.grid = int(meta["image_size"]), int(meta["grid"])
-        self.backbone = load_lite0()
+        self.backbone = teacher_backbone(folder, meta.get("vision_tuned_from"))
         self.bank = load_file(str(folder / "anomaly_bank.safetensors"))["bank"]
 
     def predict_paths(self, paths: list[str], max_reason_tokens: int) -> list[dict[str, Any]]:

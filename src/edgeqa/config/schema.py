@@ -211,6 +211,9 @@ class TeacherConfig(_Section):
     token_blocks: list[int]
     projector_hidden: int = Field(ge=16)
     projector_norm: bool
+    vision_tune_from: int | None = Field(ge=1, le=16)  # None: frozen Lite0; N: blocks N..15 and the head trained
+    lr_vision: float = Field(gt=0, le=1)
+    augment_flip: bool  # mirrored labelled images in training (left/right words swapped)
     lora_r: int = Field(ge=1, le=256)
     lora_alpha: int = Field(ge=1)
     lora_targets: list[str] = Field(min_length=1)

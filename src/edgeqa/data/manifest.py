@@ -3,6 +3,7 @@ with the reference answer each row stands for."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +57,17 @@ def reference_answer(row: Mapping[str, Any]) -> Answer:
 
     return Answer(verdict=str(row["label"]), defect_type=val("defect_type"), location=val("location"),
                   reason=str(row["reason"]))
+
+
+_MIRROR = {"upper left": "upper right", "upper right": "upper left", "left": "right", "right": "left",
+           "lower left": "lower right", "lower right": "lower left"}
+_MIRROR_RE = re.compile(r"\b(upper left|upper right|lower left|lower right|left|right)\b")
+
+
+def mirror_answer(a: Answer) -> Answer:
+    """The answer for the left-right mirrored image: location words swap sides, in the field and the reason."""
+    loc = _MIRROR.get(a.location, a.location) if a.location else a.location
+    return Answer(a.verdict, a.defect_type, loc, _MIRROR_RE.sub(lambda m: _MIRROR[m.group(1)], a.reason))
 
 
 def schema_for(defect_types: Sequence[str] | None, manifest: pd.DataFrame) -> AnswerSchema:

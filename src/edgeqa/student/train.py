@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,6 +20,7 @@ import pandas as pd
 import torch
 
 from edgeqa.config import StudentConfig, StudentStageConfig
+from edgeqa.data.manifest import mirror_answer
 from edgeqa.errors import StageError
 from edgeqa.io import atomic_dir
 from edgeqa.progress import Progress
@@ -41,17 +41,6 @@ class Example:
     kd: list[tuple[int, list[int], list[float]]] = field(default_factory=list)  # (answer index, ids, logprobs)
     kd_flip_safe: int = 0          # leading kd entries that hold for the mirrored image (verdict, type)
     flip: bool = False             # this copy reads the mirrored image's features (augmentation)
-
-
-_MIRROR = {"upper left": "upper right", "upper right": "upper left", "left": "right", "right": "left",
-           "lower left": "lower right", "lower right": "lower left"}
-_MIRROR_RE = re.compile(r"\b(upper left|upper right|lower left|lower right|left|right)\b")
-
-
-def mirror_answer(a: Answer) -> Answer:
-    """The answer for the left-right mirrored image: location words swap sides, in the field and the reason."""
-    loc = _MIRROR.get(a.location, a.location) if a.location else a.location
-    return Answer(a.verdict, a.defect_type, loc, _MIRROR_RE.sub(lambda m: _MIRROR[m.group(1)], a.reason))
 
 
 def flipped_copy(e: Example) -> Example:

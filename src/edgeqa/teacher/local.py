@@ -20,6 +20,8 @@ from edgeqa.errors import StageError
 from edgeqa.io import folder_fingerprint
 from edgeqa_runtime.schema import AnswerSchema
 
+VISION_FILE = "vision.safetensors"  # the tuned Lite0 blocks and head of a teacher trained with vision_tune_from
+
 
 @dataclass
 class TeacherMeta:
@@ -31,10 +33,13 @@ class TeacherMeta:
     verdict_temperature: float
     type_temperature: float
     anomaly: bool
-    ensemble: dict[str, float]  # logistic regression on [lm_logit / T, anomaly_z]: w_lm, w_anomaly, bias
+    ensemble: dict[str, float]  # logistic regression on [lm_z, anomaly_z], both standardised on val
     anomaly_mean: float
     anomaly_std: float
     token_blocks: list[int] = field(default_factory=list)  # folders from before token blocks pooled none
+    lm_mean: float = 0.0  # the calibrated LM logit's mean and sd on val: the ensemble reads it standardised
+    lm_std: float = 1.0   # (folders from before: 0 and 1, the raw calibrated logit)
+    vision_tuned_from: int | None = None  # Lite0 blocks from here (and the head) are in vision.safetensors
 
     def schema(self) -> AnswerSchema:
         return AnswerSchema(types=tuple(self.types), locations=tuple(self.locations))
@@ -60,7 +65,37 @@ def ensemble_p(meta: TeacherMeta, lm_logit: np.ndarray, anomaly: np.ndarray | No
         return 1 / (1 + np.exp(-z))
     a = (anomaly - meta.anomaly_mean) / meta.anomaly_std
     e = meta.ensemble
-    return 1 / (1 + np.exp(-(e["w_lm"] * z + e["w_anomaly"] * a + e["bias"])))
+    zs = (z - meta.lm_mean) / meta.lm_std
+    return 1 / (1 + np.exp(-(e["w_lm"] * zs + e["w_anomaly"] * a + e["bias"])))
+
+
+def load_tuned_vision(path: Path, backbone: Any) -> dict[str, Any]:
+    """The tuned backbone tensors of a teacher folder, checked against the backbone they go into: a missing
+    file, a foreign key or a wrong shape is refused by name rather than half-loaded."""
+    import torch
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise StageError(f"{path} is missing: this teacher was trained with tuned vision; rerun teacher_sft")
+    state = load_file(str(path))
+    own = backbone.state_dict()
+    for k, v in state.items():
+        if k not in own:
+            raise StageError(f"{path}: tensor {k!r} is not a parameter of EfficientNet-Lite0")
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise StageError(f"{path}: tensor {k!r} has shape {tuple(v.shape)}, Lite0 has {tuple(own[k].shape)}")
+    return {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def teacher_backbone(folder: Path, tuned_from: int | None) -> Any:
+    """The local teacher's Lite0: ImageNet weights, with the folder's tuned blocks loaded when it has them (its
+    anomaly bank was built from those features, so every reader of the bank needs them too)."""
+    from edgeqa.vlm.vision import load_lite0
+
+    backbone = load_lite0()
+    if tuned_from is not None:
+        backbone.load_state_dict(load_tuned_vision(Path(folder) / VISION_FILE, backbone), strict=False)
+    return backbone.eval()
 
 
 class LocalTeacher:
@@ -71,7 +106,6 @@ class LocalTeacher:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from edgeqa.vlm.model import Layout, Projector, VisionLM
-        from edgeqa.vlm.vision import load_lite0
 
         folder = Path(folder)
         meta_file = folder / "teacher.json"
@@ -86,7 +120,7 @@ class LocalTeacher:
         projector = Projector.from_pretrained(folder / "projector").eval()
         self.model = VisionLM(lm, tok, projector, Layout.build(tok, self.meta.schema()),
                               self.meta.verdict_temperature, self.meta.type_temperature)
-        self.backbone = load_lite0()
+        self.backbone = teacher_backbone(folder, self.meta.vision_tuned_from)
         self.bank = load_file(str(folder / "anomaly_bank.safetensors"))["bank"] if self.meta.anomaly else None
         self.fingerprint = folder_fingerprint(folder)  # keys the label cache
 

@@ -62,17 +62,59 @@ def pooled_features(model: Any, paths: Sequence[str | Path], size: int = 224, ba
 LITE0_BLOCKS = 16  # Lite0's MBConv blocks: 0 s2 16ch, 1-2 s4 24ch, 3-4 s8 40ch, 5-7 s16 80ch, 8-10 s16 112ch, 11-15 s32
 
 
-def lite0_maps(model: Any, x: Any, blocks: Sequence[int] = (10,)) -> tuple[list[Any], Any]:
-    """(the maps after each of `blocks`, in that order; the final 1280-ch map), from one pass of the frozen
-    backbone. Block 10 is the stride-16, 112-channel map."""
+def lite0_trunk(model: Any, x: Any, stop: int) -> Any:
+    """Lite0's stem and blocks 0..stop-1: the frozen lower trunk whose output a tuned teacher caches."""
     x = model._swish(model._bn0(model._conv_stem(x)))
-    mids: dict[int, Any] = {}
-    for idx, block in enumerate(model._blocks):
+    for block in model._blocks[:stop]:
         x = block(x, drop_connect_rate=0.0)
+    return x
+
+
+def lite0_upper(model: Any, h: Any, start: int, blocks: Sequence[int] = (10,)) -> tuple[list[Any], Any]:
+    """From the output of block start-1 (or the stem, start=0): (the maps after each of `blocks`, in that order;
+    the final 1280-ch map)."""
+    early = [b for b in blocks if b < start]
+    if early:
+        raise StageError(f"blocks {early} come before block {start}, where this pass starts")
+    mids: dict[int, Any] = {}
+    x = h
+    for idx in range(start, len(model._blocks)):
+        x = model._blocks[idx](x, drop_connect_rate=0.0)
         if idx in blocks:
             mids[idx] = x
     final = model._swish(model._bn1(model._conv_head(x)))
     return [mids[b] for b in blocks], final
+
+
+def lite0_maps(model: Any, x: Any, blocks: Sequence[int] = (10,)) -> tuple[list[Any], Any]:
+    """(the maps after each of `blocks`, in that order; the final 1280-ch map), from one pass of the
+    backbone. Block 10 is the stride-16, 112-channel map."""
+    return lite0_upper(model, lite0_trunk(model, x, 0), 0, blocks)
+
+
+def pool_tokens(final: Any, mids: Sequence[Any], grid: int) -> Any:
+    """Image tokens (N, grid*grid, 2 * channels): average and max pooled final map, then each mid-level map;
+    differentiable, so a tuned teacher trains through it."""
+    import torch
+    import torch.nn.functional as F
+
+    parts = []
+    for m in [final, *mids]:
+        parts += [F.adaptive_avg_pool2d(m, grid), F.adaptive_max_pool2d(m, grid)]
+    return torch.cat(parts, 1).flatten(2).transpose(1, 2)
+
+
+def patch_features(block10: Any) -> Any:
+    """(N, P, 112): 3x3-neighbourhood-averaged stride-16 features of block 10, for patch anomaly evidence."""
+    import torch.nn.functional as F
+
+    return F.avg_pool2d(block10, 3, stride=1, padding=1).flatten(2).transpose(1, 2)
+
+
+def check_blocks(token_blocks: Sequence[int]) -> None:
+    bad = [b for b in token_blocks if not 0 <= b < LITE0_BLOCKS]
+    if bad:
+        raise StageError(f"token blocks {bad}: Lite0 has blocks 0..{LITE0_BLOCKS - 1}")
 
 
 def image_features(model: Any, paths: Sequence[str | Path], size: int, grid: int, batch: int = 16,
@@ -82,21 +124,14 @@ def image_features(model: Any, paths: Sequence[str | Path], size: int, grid: int
     ImageNet's last layer discards), for the projector; `patches` (P, 112) = 3x3-neighbourhood-averaged
     stride-16 features of block 10, for patch anomaly evidence."""
     import torch
-    import torch.nn.functional as F
 
-    bad = [b for b in token_blocks if not 0 <= b < LITE0_BLOCKS]
-    if bad:
-        raise StageError(f"token blocks {bad}: Lite0 has blocks 0..{LITE0_BLOCKS - 1}")
+    check_blocks(token_blocks)
     want = sorted(set(token_blocks) | {10})
     toks, pats = [], []
     with torch.inference_mode():
         for i in range(0, len(paths), batch):
             mids, final = lite0_maps(model, to_tensor(paths[i:i + batch], size), want)
             by_block = dict(zip(want, mids))
-            parts = []
-            for m in [final] + [by_block[b] for b in token_blocks]:
-                parts += [F.adaptive_avg_pool2d(m, grid), F.adaptive_max_pool2d(m, grid)]
-            toks.append(torch.cat(parts, 1).flatten(2).transpose(1, 2).numpy())
-            local = F.avg_pool2d(by_block[10], 3, stride=1, padding=1)
-            pats.append(local.flatten(2).transpose(1, 2).numpy())
+            toks.append(pool_tokens(final, [by_block[b] for b in token_blocks], grid).numpy())
+            pats.append(patch_features(by_block[10]).numpy())
     return {"tokens": np.concatenate(toks).astype(np.float32), "patches": np.concatenate(pats).astype(np.float32)}

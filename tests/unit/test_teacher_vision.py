@@ -1,0 +1,81 @@
+"""The teacher's tuned vision and its verdict ensemble: the ensemble ranks val at least as well as either part
+and its probabilities follow that ranking; a tuned-vision file that does not fit Lite0 is refused by name."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from edgeqa.errors import StageError
+from edgeqa.evaluation.metrics import auroc
+from edgeqa.teacher.local import TeacherMeta, ensemble_p, load_tuned_vision
+from edgeqa.teacher.sft import TeacherVision, fit_ensemble
+from edgeqa.vlm.vision import lite0_maps, load_lite0
+
+
+def _val(seed=0, n=60):
+    rng = np.random.default_rng(seed)
+    y = (np.arange(n) % 2).astype(int)
+    strong = y * 2.0 + rng.normal(0, 0.6, n)
+    noise = rng.normal(0, 1, n)
+    return y, strong, noise
+
+
+def test_the_ensemble_leans_on_the_informative_part_and_never_ranks_below_it():
+    y, strong, noise = _val()
+    for lm, an in ((strong, noise), (noise, strong)):
+        lm_z, an_z = (lm - lm.mean()) / lm.std(), (an - an.mean()) / an.std()
+        e = fit_ensemble(lm_z, an_z, y)
+        s = e["w_lm"] * lm_z + e["w_anomaly"] * an_z
+        assert auroc(y, s) >= max(auroc(y, lm_z), auroc(y, an_z)) - 1e-9
+        heavy, light = ("w_lm", "w_anomaly") if lm is strong else ("w_anomaly", "w_lm")
+        assert e[heavy] > e[light] >= 0, e
+
+
+def test_ensemble_probabilities_follow_the_fitted_score():
+    y, strong, noise = _val(1)
+    d = strong * 3.0  # a raw LM logit; the meta's temperature and standardisation map it to lm_z
+    meta = TeacherMeta(base_lm_dir="x", image_size=224, grid=4, types=[], locations=[], verdict_temperature=3.0,
+                       type_temperature=1.0, anomaly=True, ensemble={}, anomaly_mean=float(noise.mean()),
+                       anomaly_std=float(noise.std()), lm_mean=float(strong.mean()), lm_std=float(strong.std()))
+    meta.ensemble = fit_ensemble((strong - strong.mean()) / strong.std(), (noise - noise.mean()) / noise.std(), y)
+    p = ensemble_p(meta, d, noise)
+    assert np.all((p > 0) & (p < 1))
+    assert auroc(y, p) >= auroc(y, strong) - 0.05
+    assert abs(float(p[y == 1].mean()) - 1) < 0.3 and float(p[y == 0].mean()) < 0.3, "calibrated towards the labels"
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return load_lite0()
+
+
+def test_cached_trunk_then_upper_blocks_equal_one_full_pass(lite0):
+    v = TeacherVision(lite0, 8, [10], 64, 2)
+    x = torch.randn(2, 3, 64, 64)
+    from edgeqa.vlm.vision import lite0_trunk, pool_tokens
+
+    with torch.no_grad():
+        h = lite0_trunk(lite0, x, v.cache_at)
+        tok, _ = v.tokens(h)
+        mids, final = lite0_maps(lite0, x, [10])
+        assert torch.allclose(tok, pool_tokens(final, mids, 2), atol=1e-5)
+    tuned = {n for n, q in lite0.named_parameters() if q.requires_grad}
+    assert tuned and all(n.startswith(("_blocks.8.", "_blocks.9.", "_blocks.1", "_conv_head", "_bn1")) for n in tuned)
+    assert not any(n.startswith(("_blocks.7.", "_conv_stem", "_bn0")) for n in tuned)
+    assert set(v.state()) >= {n for n in tuned}
+
+
+def test_a_tuned_vision_file_that_does_not_fit_lite0_is_refused_by_name(lite0, tmp_path):
+    f = tmp_path / "vision.safetensors"
+    with pytest.raises(StageError, match="vision.safetensors is missing"):
+        load_tuned_vision(f, lite0)
+    save_file({"_blocks.99.weight": torch.zeros(2)}, str(f))
+    with pytest.raises(StageError, match=r"_blocks\.99\.weight.*not a parameter"):
+        load_tuned_vision(f, lite0)
+    save_file({"_conv_head.weight": torch.zeros(3, 3)}, str(f))
+    with pytest.raises(StageError, match=r"_conv_head\.weight.*shape \(3, 3\)"):
+        load_tuned_vision(f, lite0)
+    good = {k: v.clone() for k, v in lite0.state_dict().items() if k.startswith("_conv_head")}
+    save_file(good, str(f))
+    assert set(load_tuned_vision(f, lite0)) == set(good)
