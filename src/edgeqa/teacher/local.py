@@ -33,7 +33,7 @@ class TeacherMeta:
     verdict_temperature: float
     type_temperature: float
     anomaly: bool
-    ensemble: dict[str, float]  # logistic regression on [lm_z, anomaly_z], both standardised on val
+    ensemble: dict[str, float]  # w_lm * lm_z + w_anomaly * anomaly_z + bias (z: standardised on val; fit_ensemble)
     anomaly_mean: float
     anomaly_std: float
     token_blocks: list[int] = field(default_factory=list)  # folders from before token blocks pooled none
