@@ -33,6 +33,24 @@ def test_each_profile_applies_validates_and_reverts(tmp_path, name):
     assert yaml.safe_load(p.read_text()) == yaml.safe_load((REPO / "params.yaml").read_text())
 
 
+@pytest.mark.parametrize("first", ["tiny", "mtile", "full"])
+@pytest.mark.parametrize("then", ["tiny", "mtile", "full"])
+def test_profiles_apply_one_after_another(tmp_path, first, then):
+    """DVC's override writer reformats params.yaml (flow lists become block lists, comments move); a second
+    profile applied on that output must still give valid YAML with its values (CI once broke on tiny, then
+    mtile emptying a list that carried a line-end comment)."""
+    p = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", p)
+    profiles.apply(first, p, REPO)
+    profiles.apply(then, p, REPO)
+    applied = yaml.safe_load(p.read_text())
+    for key, value in profiles.load_profile(then, REPO).items():
+        assert profiles.get_dotted(applied, key) == value, key
+    load_params(p)
+    profiles.apply("demo", p, REPO)
+    assert yaml.safe_load(p.read_text()) == yaml.safe_load((REPO / "params.yaml").read_text())
+
+
 def test_profile_may_not_set_paths(tmp_path):
     (tmp_path / "profiles").mkdir()
     (tmp_path / "profiles" / "bad.yaml").write_text("paths.synth_dir: elsewhere\n")
