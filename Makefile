@@ -11,7 +11,7 @@ export GX_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-fast lint up down status bench clean
+.PHONY: help setup run test test-fast lint up down status bench seeds clean
 
 help: ## show the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -55,6 +55,9 @@ status: setup ## show the local stack's health
 
 bench: setup ## measure what the pipeline built; write reports/bench/*.json (never retrains)
 	$(VENV)/bin/edgeqa bench
+
+seeds: setup ## retrain baseline/sft/distill with five seeds on what `make run` built; reports/seeds/report.md
+	$(VENV)/bin/edgeqa seeds
 
 clean: ## stop the stack and remove the venv and local state
 	-$(VENV)/bin/edgeqa down

@@ -185,6 +185,31 @@ def bench() -> None:
 
 
 @app.command()
+def seeds(seed: Annotated[list[int] | None, typer.Option(
+              "--seed", help="a student.seed to train with (repeat; default 0 1 2 3 4)")] = None,
+          bootstrap: Annotated[int, typer.Option(help="bootstrap resamples")] = 2000,
+          fresh: Annotated[bool, typer.Option(help="forget earlier (seed, row) results and retrain all")] = False,
+          params: Annotated[Path | None, typer.Option(
+              help="params file (default: the project's params.yaml); to try a student lever over seeds")] = None,
+          out: Annotated[Path | None, typer.Option(help="report folder (default: reports/seeds)")] = None
+          ) -> None:
+    """Retrain baseline, sft and distill with several seeds on what the pipeline built; mean +- sd and a paired
+    bootstrap of each row against baseline in reports/seeds/report.md (not part of `make run`)."""
+    import logging
+
+    from edgeqa.errors import StageError
+    from edgeqa.evaluation.seeds import main as seeds_main
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("edgeqa").setLevel(logging.INFO)
+    try:
+        res = seeds_main(project_root(), seed or [0, 1, 2, 3, 4], bootstrap, fresh, params, out)
+    except StageError as exc:
+        _fail(str(exc))
+    print(f"seeds: distill - baseline AUROC {res['versus_baseline']['distill']['auroc']}")
+
+
+@app.command()
 def predict(
         target: Annotated[Path, typer.Argument(metavar="IMAGE_OR_FOLDER", help="an image, or a folder of images")],
         bundle: Annotated[Path, typer.Option(help="the edge bundle folder (e.g. models/edge)")],

@@ -126,3 +126,40 @@ def test_each_stage_reads_only_the_params_its_dvc_yaml_entry_declares(tiny_repo)
         if bad:
             problems[t["stage"]] = bad
     assert not problems, f"stages read params their dvc.yaml entry does not declare: {problems}"
+
+
+def test_the_seeds_experiment_reproduces_the_pipelines_seed_and_reports_every_row(tmp_path, tiny_repo):
+    """`edgeqa seeds` retrains baseline/sft/distill per seed on the pipeline's own outputs: its seed 0 (the
+    params' student.seed) answers exactly like the pipeline's own stages, a second call reuses every result,
+    and nothing the pipeline wrote changes (dvc status stays clean)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = tmp_path / "r"
+    shutil.copytree(tiny_repo, repo, symlinks=True)
+    assert yaml.safe_load((repo / "params.yaml").read_text())["student"]["seed"] == 0
+    cmd = [str(shutil.which("edgeqa") or os.path.join(os.path.dirname(sys.executable), "edgeqa")), "--project",
+           str(repo), "seeds", "--seed", "0", "--seed", "1", "--bootstrap", "200"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = json.loads((repo / "reports" / "seeds" / "report.json").read_text())
+    assert rep["seeds"] == [0, 1] and set(rep["per_seed"]) == {"baseline", "sft", "distill"}
+    for row in ("baseline", "sft", "distill"):
+        ours = [json.loads(x) for x in (repo / "reports" / "seeds" / "runs" / "seed-0" / row
+                                        / "predictions.jsonl").read_text().splitlines()]
+        pipeline = [json.loads(x) for x in (repo / "reports" / "evaluate" / row
+                                            / "predictions.jsonl").read_text().splitlines()]
+        assert [o["sha256"] for o in ours] == [p["sha256"] for p in pipeline]
+        assert [o["verdict"] for o in ours] == [p["verdict"] for p in pipeline], row
+        assert max(abs(o["p_defective"] - p["p_defective"]) for o, p in zip(ours, pipeline)) < 1e-5, row
+        assert len(rep["per_seed"][row]) == 2 and rep["summary"][row]["auroc"]["sd"] is not None
+    for row in ("sft", "distill"):
+        b = rep["versus_baseline"][row]["auroc"]
+        assert b["ci_low"] <= b["delta"] <= b["ci_high"] and b["resamples"] > 0
+    md = (repo / "reports" / "seeds" / "report.md").read_text()
+    assert "The seed's claim" in md and "| distill | auroc |" in md
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 0 and "training" not in again.stderr, again.stderr
+    assert json.loads((repo / "reports" / "seeds" / "report.json").read_text()) == rep
+    assert dvc(repo, "status", "--json").stdout.strip() == "{}"
