@@ -38,6 +38,8 @@ def test_unknown_key_is_rejected_with_its_dotted_name():
     (("ingest", "image_exts"), ["png"], r"ingest\.image_exts: .*start with a dot"),
     (("ingest", "mask_facts", "size_classes"), {"small": 0.5, "tiny": 0.1, "large": 1.0}, r"size_classes: .*increase"),
     (("student", "frozen_blocks"), 12, r"student: .*frozen_blocks \(12\) must be <= vision_blocks"),
+    (("student", "aux_fields"), ["defect_type"], r"student: .*must include verdict"),
+    (("student", "aux_fields"), ["verdict", "colour"], r"student\.aux_fields\[1\]: .*'verdict', 'defect_type' or 'location'"),
     (("student", "decoder", "hidden"), 190, r"student\.decoder: .*multiple of heads"),
     (("student", "decoder", "arch"), "mamba", r"student\.decoder\.arch: .*'llama' or 'gpt2'"),
     (("sft", "weights"), {"human": 1.0}, r"sft\.weights: .*exactly \{human"),

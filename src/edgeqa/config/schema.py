@@ -287,12 +287,17 @@ class StudentConfig(_Section):
     lora: LoraSettings
     batch_size: int = Field(ge=1, le=512)
     key_token_weight: float = Field(ge=1.0, le=100.0)
+    aux_weight: float = Field(ge=0.0, le=100.0)  # train-only answer heads on the image embeddings (0: off)
+    aux_fields: list[Literal["verdict", "defect_type", "location"]]  # which heads (verdict always)
     eval_every: int = Field(ge=1)  # optimizer steps between val evaluations (early stopping, curves)
     patience: int = Field(ge=1)  # evaluations without val-loss improvement before stopping
     threads: int = Field(ge=1, le=64)
 
     @model_validator(mode="after")
     def _blocks(self) -> StudentConfig:
+        if "verdict" not in self.aux_fields:
+            raise ValueError(f"aux_fields {self.aux_fields} must include verdict (allowed: verdict, defect_type, "
+                             "location)")
         if self.frozen_blocks > self.vision_blocks:
             raise ValueError(f"frozen_blocks ({self.frozen_blocks}) must be <= vision_blocks ({self.vision_blocks})")
         return self

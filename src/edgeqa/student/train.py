@@ -25,6 +25,7 @@ from edgeqa.errors import StageError
 from edgeqa.io import atomic_dir
 from edgeqa.progress import Progress
 from edgeqa.student.kd import DistillLoss
+from edgeqa.vlm.heads import AnswerHeads
 from edgeqa_runtime.schema import Answer, AnswerSchema
 
 log = logging.getLogger("edgeqa.student")
@@ -218,15 +219,21 @@ class TrainResult:
 
 
 def batch_loss(model: Any, vlm: Any, feats: torch.Tensor, batch: Sequence[Example], key_weight: float,
-               loss: DistillLoss, feats_flip: torch.Tensor | None = None) -> torch.Tensor:
+               loss: DistillLoss, feats_flip: torch.Tensor | None = None, aux: AnswerHeads | None = None,
+               aux_weight: float = 0.0) -> torch.Tensor:
     """The loss of one batch: teacher-forced logits over the answers, then `loss` (CE, plus the KD term where
-    alpha > 0). Examples marked `flip` read the mirrored image's features."""
+    alpha > 0), plus `aux_weight` times the answer heads' loss on the image embeddings when `aux` is given.
+    Examples marked `flip` read the mirrored image's features."""
     rows = [feats_flip[e.feat] if e.flip and feats_flip is not None else feats[e.feat] for e in batch]
     tokens = model.tokens_from_frozen(torch.stack(rows))
     seqs = [vlm.layout.answer_ids(e.answer, vlm.tok, e.reason_ids) for e in batch]
     weights = [e.weight for e in batch]
     logits, tgt, w, prefix = vlm.answer_logits(tokens, seqs, key_weight, weights)
-    return loss(logits, tgt, w, prefix, [e.kd for e in batch], weights)
+    out = loss(logits, tgt, w, prefix, [e.kd for e in batch], weights)
+    if aux is not None and aux_weight > 0:
+        out = out + aux_weight * aux.loss(vlm.projector(tokens), aux.targets([e.answer for e in batch]),
+                                          torch.tensor(weights, dtype=torch.float32))
+    return out
 
 
 def train(cfg: StudentConfig, model: Any, vlm: Any, feats: torch.Tensor, train_ex: list[Example],
@@ -243,7 +250,11 @@ def train(cfg: StudentConfig, model: Any, vlm: Any, feats: torch.Tensor, train_e
     rng = np.random.default_rng(cfg.seed)
     vision = [q for n, q in model.named_parameters() if q.requires_grad and ".vision." in f".{n}"]
     vis_ids = {id(q) for q in vision}
+    # Train-only answer heads on the image embeddings (student.aux_weight): never part of the saved model.
+    aux = (AnswerHeads(vlm.projector.config.lm_hidden, vlm.layout.schema, cfg.aux_fields) if cfg.aux_weight > 0
+           else None)
     rest = [q for q in model.parameters() if q.requires_grad and id(q) not in vis_ids]
+    rest += list(aux.parameters()) if aux is not None else []
     groups = [{"params": rest, "lr": lr}] + ([{"params": vision, "lr": lr_vision}] if vision and lr_vision else [])
     opt = torch.optim.AdamW(groups, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 20)))
@@ -278,7 +289,7 @@ def train(cfg: StudentConfig, model: Any, vlm: Any, feats: torch.Tensor, train_e
         if feats_flip is not None:
             batch = [flipped_copy(e) if e.source in ("human", "paste") and rng.random() < 0.5 else e for e in batch]
         model.train()
-        loss = batch_loss(model, vlm, feats, batch, cfg.key_token_weight, loss_fn, feats_flip)
+        loss = batch_loss(model, vlm, feats, batch, cfg.key_token_weight, loss_fn, feats_flip, aux, cfg.aux_weight)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([q for g in groups for q in g["params"]], 1.0)
         opt.step()

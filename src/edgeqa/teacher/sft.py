@@ -68,20 +68,12 @@ def align_projector(proj: Any, tokens_of: Any, answers: Sequence[Answer], schema
     tuned from block 8, 400 steps: head AUROC 0.62 reading the mean, 0.92 reading the max).
     `tokens_of(index array)` gives the image tokens of those training rows. Returns the loss curve (every 10 steps)."""
     import torch
-    import torch.nn.functional as F
-    from torch import nn
 
-    hid = 2 * proj.config.lm_hidden  # the heads read the mean and the max over the image tokens
-    types, locs = list(schema.types), list(schema.locations)
-    heads = {"verdict": nn.Linear(hid, 2)}
-    y = {"verdict": torch.tensor([int(a.verdict == "defective") for a in answers])}
-    for name, classes, vals in (("type", types, [a.defect_type for a in answers]),
-                                ("location", locs, [a.location for a in answers])):
-        if classes:
-            heads[name] = nn.Linear(hid, len(classes))
-            y[name] = torch.tensor([classes.index(v) if v in classes else -100 for v in vals], dtype=torch.int64)
-    head_params = [q for h in heads.values() for q in h.parameters()]
-    groups = [{"params": list(proj.parameters()) + head_params, "lr": lr}]
+    from edgeqa.vlm.heads import AnswerHeads
+
+    heads = AnswerHeads(proj.config.lm_hidden, schema)  # they read the mean and the max over the image tokens
+    y = heads.targets(answers)
+    groups = [{"params": list(proj.parameters()) + list(heads.parameters()), "lr": lr}]
     if vision:
         groups.append({"params": list(vision), "lr": lr_vision})
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
@@ -91,17 +83,14 @@ def align_projector(proj: Any, tokens_of: Any, answers: Sequence[Answer], schema
         if len(order) < batch_size:
             order = np.concatenate([order, rng.permutation(len(answers))])
         idx, order = order[:batch_size], order[batch_size:]
-        e = proj(tokens_of(idx))
-        z = torch.cat([e.mean(1), e.amax(1)], -1)
         ti = torch.from_numpy(idx)
-        loss = torch.stack([F.cross_entropy(h(z), y[k][ti], ignore_index=-100) for k, h in heads.items()
-                            if (y[k][ti] != -100).any()]).sum()
+        loss = heads.loss(proj(tokens_of(idx)), {k: v[ti] for k, v in y.items()})
         loss.backward()
         opt.step()
         opt.zero_grad()
         if (step + 1) % 10 == 0 or step + 1 == steps:
-            curve.append({"step": step + 1, "loss": float(loss)})
-            log.info("align: step %d/%d, aux loss %.4f", step + 1, steps, float(loss))
+            curve.append({"step": step + 1, "loss": loss.item()})
+            log.info("align: step %d/%d, aux loss %.4f", step + 1, steps, loss.item())
     return curve
 
 
