@@ -250,6 +250,10 @@ def train(cfg: StudentConfig, model: Any, vlm: Any, feats: torch.Tensor, train_e
     rng = np.random.default_rng(cfg.seed)
     vision = [q for n, q in model.named_parameters() if q.requires_grad and ".vision." in f".{n}"]
     vis_ids = {id(q) for q in vision}
+    # The global generator is seeded here, not only where the model is built: the trunk's drop-connect and the
+    # heads below draw from it, and a stage's result must not depend on what ran before it in the process (the
+    # seeds experiment runs baseline, sft and distill in one process; distill starts from a loaded model).
+    torch.manual_seed(cfg.seed)
     # Train-only answer heads on the image embeddings (student.aux_weight): never part of the saved model.
     aux = (AnswerHeads(vlm.projector.config.lm_hidden, vlm.layout.schema, cfg.aux_fields) if cfg.aux_weight > 0
            else None)
