@@ -13,6 +13,7 @@ code's hashes) is reused, so an interrupted run resumes. `test` is only scored, 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -297,12 +298,15 @@ def main(root: Path, seeds: Sequence[int], bootstrap: int = 2000, fresh: bool = 
     sections only: a lever tried over seeds on the pipeline's own teacher labels and features."""
     if len(set(seeds)) < 2:
         raise StageError(f"seeds: give at least two different seeds (got {list(seeds)}); sd needs two")
-    params = load_params(params_file or root / "params.yaml")
-    out = out or root / params.paths.reports_dir / "seeds"
+    root = Path(root).resolve()
+    params_file = Path(params_file).resolve() if params_file else root / "params.yaml"
+    params = load_params(params_file)
+    out = Path(out).resolve() if out else root / params.paths.reports_dir / "seeds"
     if fresh and (out / "runs").exists():
         shutil.rmtree(out / "runs")
-    train_and_score(root, params, seeds, out)
-    res = summarise(root, params, seeds, out, bootstrap)
+    with contextlib.chdir(root):  # manifest paths are relative to the project, as in the stages
+        train_and_score(root, params, seeds, out)
+        res = summarise(root, params, seeds, out, bootstrap)
     write_json(out / "report.json", res)
     atomic_write_text(out / "report.md", render(res))
     log.info("seeds: report in %s", out / "report.md")
