@@ -4,7 +4,6 @@ ONNX export against onnxruntime, and behaviour (agreement with the teacher, inva
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -300,22 +299,47 @@ def trained(tiny_params, base_lm_dir, tiny_teacher, tiny_manifest, tiny_labels, 
     return p, out
 
 
+def _distance(a: dict, t: dict) -> float:
+    """How far a student's answer distribution is from the teacher's on one image: the mean of |P(defective)
+    difference| and the total-variation distances of the type and location distributions (0 = identical)."""
+    def tv(x: dict, y: dict) -> float:
+        return 0.5 * sum(abs(x.get(k, 0.0) - y.get(k, 0.0)) for k in set(x) | set(y))
+
+    return (abs(a["p_defective"] - t["p_defective"]) + tv(a["type_probs"], t["type_probs"])
+            + tv(a["location_probs"], t["location_probs"])) / 3
+
+
 def test_distilled_student_agrees_with_the_teacher_more_than_the_baseline(trained, tiny_teacher, tiny_manifest):
+    """Distillation moves the student towards the teacher on images neither saw in training (val + test, 30
+    images): both its answers (verdict, type, location) and its distributions. Measured on seeds 0-3 (AMD,
+    2026-12-02): answer agreement baseline 0.34-0.52 vs distill 0.63-0.71; distance 0.36-0.46 vs 0.21-0.28.
+    On val alone (10 images, 30 answers) one seed had distill one answer behind, so val alone is too small."""
     from edgeqa.student.model import Student
     from edgeqa.teacher.local import LocalTeacher
 
     p, out = trained
-    rows = _split(tiny_manifest, "val")
-    teacher = LocalTeacher(tiny_teacher["dir"]).predict_paths(list(rows.path), 4, 1)
+    df = pd.read_parquet(tiny_manifest)
+    held_out = list(df[df.split.isin(["val", "test"])].path)
+    pool = list(df[df.split == "unlabelled"].path)
+    teacher = LocalTeacher(tiny_teacher["dir"])
+    t_held, t_pool = teacher.predict_paths(held_out, 4, 1), teacher.predict_paths(pool, 4, 1)
+    keys = ("verdict", "defect_type", "location")
 
-    def agreement(folder: Path) -> float:
-        preds = Student(folder).predict_paths(list(rows.path), 4, 1)
-        keys = ("verdict", "defect_type", "location")
-        return float(np.mean([[a["answer"][k] == t["answer"][k] for k in keys] for a, t in zip(preds, teacher)]))
+    def agreement(preds: list, ref: list) -> float:
+        return float(np.mean([[a["answer"][k] == t["answer"][k] for k in keys] for a, t in zip(preds, ref)]))
 
-    base, dist = agreement(out["baseline"]), agreement(out["distill"])
-    print(f"agreement with the teacher on val: baseline {base:.3f}, distill {dist:.3f}")
-    assert dist > base, (dist, base)
+    res = {}
+    for role in ("baseline", "distill"):
+        preds = Student(out[role]).predict_paths(held_out, 4, 1)
+        res[role] = (agreement(preds, t_held), float(np.mean([_distance(a, t) for a, t in zip(preds, t_held)])))
+    fit = agreement(Student(out["distill"]).predict_paths(pool, 4, 1), t_pool)
+    print(f"held out, {len(held_out)} images: agreement baseline {res['baseline'][0]:.3f}, distill "
+          f"{res['distill'][0]:.3f}; distance baseline {res['baseline'][1]:.3f}, distill {res['distill'][1]:.3f}; "
+          f"distill on its pool ({len(pool)}): {fit:.3f}")
+    assert len(held_out) >= 30 and len(pool) >= 30
+    assert res["distill"][0] > res["baseline"][0], res
+    assert res["distill"][1] < res["baseline"][1], res
+    assert fit >= 0.9, f"distill reproduces only {fit:.2f} of the teacher's answers on the pool it learned from"
 
 
 def test_a_flip_or_a_small_brightness_change_keeps_the_verdict_of_a_good_image(trained, tiny_manifest, tmp_path):
