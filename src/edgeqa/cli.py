@@ -8,6 +8,7 @@ commands that need it, after PREFECT_API_URL points at the local server.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Annotated
@@ -170,6 +171,12 @@ def run(profile: Annotated[str | None, typer.Option(help="apply this profile to 
     url = f"{stack.cfg.prefect_ui_url}/runs/flow-run/{run_id}"
     if state.is_completed():
         console.print(f"[green]pipeline completed[/green]; the run in the Prefect UI: {url}", highlight=False)
+        gate_report = root / params.paths.reports_dir / "gate" / "report.json"
+        if gate_report.is_file():  # a refusal is an outcome, not a failure: make run still exits 0
+            res = json.loads(gate_report.read_text())
+            colour = "green" if res["passed"] else "yellow"
+            console.print(f"[{colour}]gate[/{colour}] {res['summary']}\n(report: {gate_report.with_suffix('.md')})",
+                          highlight=False)
     else:
         console.print(f"[red]pipeline {state.name}[/red]: {state.message}\nthe run in the Prefect UI: {url}",
                       highlight=False)

@@ -39,6 +39,12 @@ def test_dvc_repro_runs_the_stages(tiny_repo):
         assert m["parse_rate"] == 1.0
     table = (tiny_repo / "reports" / "retention" / "report.md").read_text()
     assert all(f"| {row} |" in table for row in ("teacher", "baseline", "sft", "distill", "pruned", "edge"))
+    gate = json.loads((tiny_repo / "reports" / "gate" / "report.json").read_text())
+    assert gate["candidate"] == "edge" and gate["passed"] == (gate["failed"] == [])
+    assert not {"bundle_intact", "scored_this_bundle", "same_images"} & set(gate["failed"]), \
+        "the pipeline gates the bundle it built, scored on the teacher's and baseline's images"
+    assert (tiny_repo / "reports" / "gate" / "report.md").read_text().startswith(
+        "# gate: PASSED" if gate["passed"] else "# gate: REFUSED")
     assert dvc(tiny_repo, "status", "--json").stdout.strip() == "{}"
     r = dvc(tiny_repo, "repro")
     assert "didn't change, skipping" in r.stdout or "up to date" in r.stdout

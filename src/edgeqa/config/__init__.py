@@ -9,6 +9,9 @@ from edgeqa.config.schema import (
     DecoderConfig,
     DistillConfig,
     EvaluateConfig,
+    GateConfig,
+    GateOverrides,
+    GateRules,
     IngestConfig,
     LabelConfig,
     MaskFactsConfig,
@@ -31,8 +34,8 @@ from edgeqa.config.schema import (
     parse_params,
 )
 
-__all__ = ["GRID_WORDS", "SPLITS", "BaseLMConfig", "DecoderConfig", "DistillConfig", "EvaluateConfig",
-           "IngestConfig", "LabelConfig", "MaskFactsConfig", "Params", "ParamsError", "PasteConfig", "PathsConfig",
-           "PruneConfig", "QuantizeConfig", "RecoveryConfig", "SFTConfig", "StudentConfig", "StudentStageConfig",
-           "SynthCategory", "SynthConfig", "TeacherConfig", "ThresholdRule", "ValidateConfig", "load_params",
-           "parse_params"]
+__all__ = ["GRID_WORDS", "SPLITS", "BaseLMConfig", "DecoderConfig", "DistillConfig", "EvaluateConfig", "GateConfig",
+           "GateOverrides", "GateRules", "IngestConfig", "LabelConfig", "MaskFactsConfig", "Params", "ParamsError",
+           "PasteConfig", "PathsConfig", "PruneConfig", "QuantizeConfig", "RecoveryConfig", "SFTConfig",
+           "StudentConfig", "StudentStageConfig", "SynthCategory", "SynthConfig", "TeacherConfig", "ThresholdRule",
+           "ValidateConfig", "load_params", "parse_params"]

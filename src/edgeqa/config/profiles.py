@@ -1,8 +1,10 @@
 """Profiles: files of dotted-key overrides, applied to params.yaml the way `dvc exp run -S key=value` does.
 
 They are written into params.yaml (so dvc.lock and DVC experiments record what actually ran), never merged
-at load time. A profile may not set `paths.*`. A value `dataset:NAME` is a dataset location, resolved when the
-profile is applied (`edgeqa.config.datasets`: environment variable, then the default).
+at load time. A profile may not set `paths.*`, nor `gate.rules.*` (the release policy; a profile sets an
+explicit, recorded exception with `gate.overrides.<rule>` and `gate.override_reason`). A value `dataset:NAME`
+is a dataset location, resolved when the profile is applied (`edgeqa.config.datasets`: environment variable,
+then the default).
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ def load_profile(name: str, root: Path = Path()) -> dict[str, Any]:
             raise ParamsError(f"{path}: {key!r}: keys are dotted params names like 'synth.seed'")
         if key.split(".")[0] == "paths":
             raise ParamsError(f"{path}: {key}: a profile may not set paths.*; paths belong to dvc.yaml/params.yaml")
+        if key.startswith("gate.rules"):
+            rule = key.split(".")[2] if key.count(".") >= 2 else "<rule>"
+            raise ParamsError(f"{path}: {key}: the release policy is the same in every profile; set an explicit "
+                              f"exception instead: gate.overrides.{rule} and gate.override_reason")
     return data
 
 

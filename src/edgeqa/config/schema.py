@@ -451,6 +451,53 @@ class QuantizeConfig(_Section):
     threads: int = Field(ge=1, le=64)
 
 
+class GateRules(_Section):
+    """The release policy: every rule the edge candidate must meet. The same values in every profile; a profile
+    that needs an exception sets `gate.overrides.<rule>` and `gate.override_reason`, never these."""
+
+    min_auroc: Fraction
+    min_type_accuracy: Fraction
+    min_parse_rate: Fraction
+    max_miss_rate: Fraction  # at the bundle's shipped threshold
+    max_overkill_rate: Fraction
+    max_bundle_mb: float = Field(gt=0, le=10_000)  # every file of the bundle, manifest included (10^6 bytes)
+    max_auroc_drop_vs_teacher: Fraction
+    max_auroc_drop_vs_baseline: Fraction  # the seed's premise: not worse than a student on human labels alone
+    max_type_accuracy_drop_vs_baseline: Fraction
+
+
+class GateOverrides(_Section):
+    """Explicit exceptions to `gate.rules`, one per rule (null: the policy holds). The report names each one."""
+
+    min_auroc: Fraction | None = None
+    min_type_accuracy: Fraction | None = None
+    min_parse_rate: Fraction | None = None
+    max_miss_rate: Fraction | None = None
+    max_overkill_rate: Fraction | None = None
+    max_bundle_mb: float | None = Field(default=None, gt=0, le=10_000)
+    max_auroc_drop_vs_teacher: Fraction | None = None
+    max_auroc_drop_vs_baseline: Fraction | None = None
+    max_type_accuracy_drop_vs_baseline: Fraction | None = None
+
+
+class GateConfig(_Section):
+    """Stage `gate`: the absolute release rules, checked on the `evaluate` reports of the candidate (an edge
+    bundle scored through the edge runtime), the teacher and the baseline."""
+
+    candidate: str  # a model of evaluate.models whose folder is an edge bundle
+    rules: GateRules
+    overrides: GateOverrides
+    override_reason: str  # required (non-empty) when any override is set
+
+    @model_validator(mode="after")
+    def _reason(self) -> GateConfig:
+        set_ = [k for k, v in self.overrides.model_dump().items() if v is not None]
+        if set_ and not self.override_reason.strip():
+            raise ValueError(f"gate.overrides sets {set_}: gate.override_reason must say why (a non-empty text); "
+                             "the gate report records it beside each overridden rule")
+        return self
+
+
 class Params(_Section):
     paths: PathsConfig
     base_lm: BaseLMConfig
@@ -465,6 +512,7 @@ class Params(_Section):
     distill: DistillConfig
     prune: PruneConfig
     quantize: QuantizeConfig
+    gate: GateConfig
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:
@@ -474,6 +522,10 @@ class Params(_Section):
         if self.prune.recovery.top_k > self.teacher.top_k:
             raise ValueError(f"prune.recovery.top_k ({self.prune.recovery.top_k}) must be <= teacher.top_k "
                              f"({self.teacher.top_k}), the number of soft targets label stores")
+        missing = [m for m in (self.gate.candidate, "teacher", "baseline") if m not in self.evaluate.models]
+        if missing:
+            raise ValueError(f"gate compares gate.candidate ({self.gate.candidate!r}) with teacher and baseline: "
+                             f"{missing} must be in evaluate.models ({self.evaluate.models})")
         return self
 
     @property

@@ -1,0 +1,1 @@
+"""The gated edge release: the absolute quality gate (`gate`)."""
