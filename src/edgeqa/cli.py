@@ -24,6 +24,8 @@ app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 profile_app = typer.Typer(help="Profiles: dotted-key overrides written into params.yaml (as `dvc exp run -S`).",
                           no_args_is_help=True)
 app.add_typer(profile_app, name="profile")
+keys_app = typer.Typer(help="The release signing key (ed25519): devices trust its public half.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 console = Console()
 _state: dict[str, Path | None] = {"project": None}
 
@@ -224,7 +226,11 @@ def predict(
         threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads")] = 1,
         max_reason_tokens: Annotated[int | None, typer.Option(help="cap on the reason (default: the bundle's)")]
         = None,
-        progress: Annotated[bool, typer.Option(help="progress bar on stderr")] = True) -> None:
+        progress: Annotated[bool, typer.Option(help="progress bar on stderr")] = True,
+        trust: Annotated[Path | None, typer.Option(help="trusted public keys (PEM); default: "
+                                                   "$EDGEQA_TRUSTED_KEYS_FILE, then $EDGEQA_TRUSTED_KEYS")] = None,
+        require_signature: Annotated[bool, typer.Option(help="refuse when no trusted keys are configured")]
+        = False) -> None:
     """Answer an image or every image in a folder with an edge bundle, as `edgeqa-edge predict` on a device
     (the same function): one JSON line per image; an unreadable image gets its own line with `error`.
     Exit 0: all answered; 1: some images unreadable; 2: the bundle or the arguments were refused."""
@@ -232,11 +238,56 @@ def predict(
     from edgeqa_runtime.cli import predict as edge_predict
 
     try:
-        code = edge_predict(bundle, target, out, threads, max_reason_tokens, progress)
+        code = edge_predict(bundle, target, out, threads, max_reason_tokens, progress, trust=trust,
+                            require_signature=require_signature)
     except (BundleError, FileNotFoundError) as exc:
         _fail(str(exc))
         raise
     raise typer.Exit(code)
+
+
+@keys_app.command("public")
+def keys_public(out: Annotated[Path | None, typer.Option(help="write the PEM here (default: stdout)")] = None,
+                key_file: Annotated[Path | None, typer.Option(help="the signing key file (default: "
+                                                              "$EDGEQA_SIGNING_KEY, $EDGEQA_SIGNING_KEY_FILE, "
+                                                              "~/.config/edgeqa/release-signing-key.pem)")] = None
+                ) -> None:
+    """The public key devices put in their trust config (the key is created at first use, mode 600)."""
+    from edgeqa.errors import StageError
+    from edgeqa.io import atomic_write_text
+    from edgeqa.release.signing import load_or_create
+    from edgeqa_runtime.trust import key_id, public_pem
+
+    try:
+        key, origin = load_or_create(key_file)
+    except StageError as exc:
+        _fail(str(exc))
+        raise
+    pem = public_pem(key.public_key())
+    if out is None:
+        print(pem, end="")
+    else:
+        atomic_write_text(out, pem)
+        console.print(f"key {key_id(key.public_key())} (from {origin}) -> {out}", highlight=False)
+
+
+@app.command()
+def sign(bundle: Annotated[Path, typer.Argument(help="the edge bundle folder (e.g. models/edge)")],
+         out: Annotated[Path, typer.Option(help="the signed copy (a new folder)")],
+         key_file: Annotated[Path | None, typer.Option(help="the signing key file (default: as `keys public`)")]
+         = None) -> None:
+    """Copy a verified bundle to a new folder and sign its manifest there (ed25519, `manifest.sig`)."""
+    from edgeqa.errors import StageError
+    from edgeqa.release.signing import load_or_create, sign_copy
+    from edgeqa_runtime.bundle import BundleError
+
+    try:
+        key, origin = load_or_create(key_file)
+        rec = sign_copy(bundle, out, key)
+    except (StageError, BundleError) as exc:
+        _fail(str(exc))
+        raise
+    console.print(f"signed {out} with key {rec['key_id']} (from {origin})", highlight=False)
 
 
 if __name__ == "__main__":

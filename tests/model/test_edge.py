@@ -148,6 +148,46 @@ def test_predict_refuses_a_tampered_bundle_with_exit_2(tiny_bundle, tiny_manifes
     assert r.stdout == "", "nothing is answered with a bundle that failed verification"
 
 
+def test_a_signed_copy_predicts_on_a_device_that_trusts_its_key_and_nothing_else_does(tiny_bundle, tiny_manifest,
+                                                                                      tmp_path):
+    """`edgeqa sign` (key created at first use) -> `edgeqa keys public` into the device's trust file ->
+    `edgeqa-edge predict --trust`. The unsigned bundle, or one signed by another key, is refused there."""
+    import os
+
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    for var in ("EDGEQA_SIGNING_KEY", "EDGEQA_SIGNING_KEY_FILE", "EDGEQA_TRUSTED_KEYS", "EDGEQA_TRUSTED_KEYS_FILE"):
+        env.pop(var, None)
+    edgeqa, edge = str(Path(VENV_BIN) / "edgeqa"), str(Path(VENV_BIN) / "edgeqa-edge")
+    signed, trust = tmp_path / "signed", tmp_path / "device" / "trusted.pem"
+    r = subprocess.run([edgeqa, "sign", str(tiny_bundle["dir"]), "--out", str(signed)], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run([edgeqa, "keys", "public", "--out", str(trust)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "BEGIN PUBLIC KEY" in trust.read_text(), r.stdout + r.stderr
+    img = _paths(tiny_manifest, "test", 1)[0]
+
+    def predict(bundle, *extra, environ=env):
+        return subprocess.run([edge, "predict", "--bundle", str(bundle), img, *extra], env=environ,
+                              capture_output=True, text=True)
+
+    ok = predict(signed, "--trust", str(trust))
+    assert ok.returncode == 0 and json.loads(ok.stdout)["verdict"] in ("good", "defective"), ok.stderr
+    assert "NOT checked" not in ok.stderr
+    assert predict(signed, environ={**env, "EDGEQA_TRUSTED_KEYS_FILE": str(trust)}).returncode == 0
+    unsigned = predict(tiny_bundle["dir"], "--trust", str(trust))
+    assert unsigned.returncode == 2 and "the bundle is unsigned" in unsigned.stderr and unsigned.stdout == ""
+    other = tmp_path / "other.pem"
+    r = subprocess.run([edgeqa, "keys", "public", "--out", str(other)],
+                       env={**env, "XDG_CONFIG_HOME": str(tmp_path / "config2")}, capture_output=True, text=True)
+    assert r.returncode == 0
+    foreign = predict(signed, "--trust", str(other))
+    assert foreign.returncode == 2 and "not among this device's trusted keys" in foreign.stderr
+    loose = predict(tiny_bundle["dir"])
+    assert loose.returncode == 0 and "signature of" in loose.stderr and "NOT checked" in loose.stderr
+    strict = predict(tiny_bundle["dir"], "--require-signature")
+    assert strict.returncode == 2 and "no trusted keys configured" in strict.stderr
+
+
 def test_choose_precision_keeps_fp32_for_a_graph_that_fails_the_bar():
     from edgeqa.compress.quantize import choose_precision
 

@@ -6,10 +6,11 @@
     tokenizer.json         a `tokenizers` tokenizer of the pruned vocabulary only (student ids, a few KB)
     runtime.json           layout token ids, schema, temperatures, operating threshold, image size
     manifest.json          format, runtime API, and the SHA-256 and size of every file above
+    manifest.sig           (a released bundle) an ed25519 signature of manifest.json's exact bytes
 
 `verify` refuses a bundle before anything is loaded: a missing, altered or unlisted file, a manifest of another
 format, or a bundle built for another runtime API. Each message names the file or the key and says what was
-expected. The release issue adds a signature over the manifest.
+expected. `edgeqa_runtime.trust` checks the signature against the device's own trusted keys.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 from edgeqa_runtime.files import sha256_file
 
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"  # signs the manifest, so it cannot be listed in it
 FORMAT = "edgeqa-bundle"
 FORMAT_VERSION = 1       # the layout of this folder and of manifest.json
 RUNTIME_API = 1          # what runtime.json and the graphs' inputs/outputs mean; bumped on a breaking change
@@ -35,7 +37,7 @@ def file_entries(folder: Path) -> dict[str, dict[str, Any]]:
     """SHA-256 and size of every file in the folder (relative POSIX paths), the manifest itself left out."""
     folder = Path(folder)
     return {p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in (MANIFEST, SIGNATURE)}
 
 
 def write_manifest(folder: Path, **fields: Any) -> dict[str, Any]:
@@ -87,7 +89,8 @@ def verify(folder: Path) -> dict[str, Any]:
             raise BundleError(f"{p} is listed in {MANIFEST} but missing: the bundle is incomplete")
         if p.stat().st_size != entry.get("bytes") or sha256_file(p) != entry.get("sha256"):
             raise BundleError(f"{p} does not match its SHA-256 in {MANIFEST}: the file was altered or corrupted")
-    present = {q.relative_to(folder).as_posix() for q in folder.rglob("*") if q.is_file() and q.name != MANIFEST}
+    present = {q.relative_to(folder).as_posix() for q in folder.rglob("*")
+               if q.is_file() and q.relative_to(folder).as_posix() not in (MANIFEST, SIGNATURE)}
     extra = sorted(present - set(listed))
     if extra:
         raise BundleError(f"{folder / extra[0]} is not listed in {MANIFEST}: a bundle holds only the files its "

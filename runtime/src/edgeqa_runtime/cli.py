@@ -4,7 +4,9 @@ One JSON object per image: path, verdict, type, location, reason, P(defective), 
 distributions and the latency (file read to answer, decoding and the reason included). A folder is walked
 recursively (image extensions only, sorted) with a progress bar on stderr. An image that does not decode gets
 its own line with `error` and the rest are still answered. The bundle is verified (every file's SHA-256)
-before anything is loaded.
+before anything is loaded, and its signature against the device's trusted keys (`--trust FILE`,
+$EDGEQA_TRUSTED_KEYS_FILE or $EDGEQA_TRUSTED_KEYS; see `edgeqa_runtime.trust`). Without a trust anchor the
+signature is not checked and a warning says so; `--require-signature` refuses instead.
 
 Exit status: 0 every image answered; 1 some images could not be read (each named in the output);
 2 the bundle or the arguments were refused (the message names the file).
@@ -45,12 +47,18 @@ def record(path: Path, pred: dict[str, Any], bundle_id: str) -> dict[str, Any]:
 
 
 def answers(bundle: Path, paths: list[Path], threads: int = 1, max_reason_tokens: int | None = None,
-            progress: bool = True) -> Iterator[dict[str, Any]]:
+            progress: bool = True, trust: Path | None = None, require_signature: bool = False
+            ) -> Iterator[dict[str, Any]]:
     """One output record per path, in order; an image that cannot be read yields {"path", "error"}."""
     from tqdm import tqdm
 
     from edgeqa_runtime.session import ImageReadError, OrtStudent
+    from edgeqa_runtime.trust import verify_trusted
 
+    checked = verify_trusted(bundle, trust, require_signature)["_trust"]
+    if not checked["checked"]:
+        print(f"edgeqa-edge: warning: the signature of {bundle} was NOT checked: no trusted keys configured "
+              "(--trust FILE, $EDGEQA_TRUSTED_KEYS_FILE or $EDGEQA_TRUSTED_KEYS)", file=sys.stderr)
     model = OrtStudent(bundle, threads)
     n_tokens = int(max_reason_tokens or model.rt.get("max_reason_tokens", 40))
     bundle_id = model.manifest.get("version") or model.fingerprint
@@ -64,7 +72,8 @@ def answers(bundle: Path, paths: list[Path], threads: int = 1, max_reason_tokens
 
 
 def predict(bundle: Path, target: Path, out: Path | None = None, threads: int = 1,
-            max_reason_tokens: int | None = None, progress: bool = True, stdout: TextIO | None = None) -> int:
+            max_reason_tokens: int | None = None, progress: bool = True, stdout: TextIO | None = None,
+            trust: Path | None = None, require_signature: bool = False) -> int:
     """Answer an image or a folder with a bundle; JSON lines to `out` (written to a temp name, then renamed)
     or to stdout. Returns the exit status (0 all answered, 1 some images unreadable)."""
     paths = images_in(Path(target))
@@ -74,7 +83,7 @@ def predict(bundle: Path, target: Path, out: Path | None = None, threads: int = 
 
     def write_all(sink: TextIO) -> None:
         nonlocal failed
-        for rec in answers(Path(bundle), paths, threads, max_reason_tokens, progress):
+        for rec in answers(Path(bundle), paths, threads, max_reason_tokens, progress, trust, require_signature):
             failed += "error" in rec
             sink.write(json.dumps(rec) + "\n")
             sink.flush()
@@ -107,9 +116,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
     p.add_argument("--max-reason-tokens", type=int, help="cap on the reason (default: the bundle's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--trust", type=Path, help="this device's trusted public keys (PEM); default: "
+                   "$EDGEQA_TRUSTED_KEYS_FILE, then $EDGEQA_TRUSTED_KEYS")
+    p.add_argument("--require-signature", action="store_true",
+                   help="refuse the bundle when no trusted keys are configured")
     a = ap.parse_args(argv)
     try:
-        code = predict(a.bundle, a.target, a.out, a.threads, a.max_reason_tokens, not a.no_progress)
+        code = predict(a.bundle, a.target, a.out, a.threads, a.max_reason_tokens, not a.no_progress,
+                       trust=a.trust, require_signature=a.require_signature)
     except (BundleError, FileNotFoundError) as exc:
         print(f"edgeqa-edge: error: {exc}", file=sys.stderr)
         code = 2
