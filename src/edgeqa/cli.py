@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -26,6 +26,9 @@ profile_app = typer.Typer(help="Profiles: dotted-key overrides written into para
 app.add_typer(profile_app, name="profile")
 keys_app = typer.Typer(help="The release signing key (ed25519): devices trust its public half.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+releases_app = typer.Typer(help="The release registry on S3: published versions, the staging and production "
+                                "aliases, and their audit log.", no_args_is_help=True)
+app.add_typer(releases_app, name="releases")
 console = Console()
 _state: dict[str, Path | None] = {"project": None}
 
@@ -288,6 +291,118 @@ def sign(bundle: Annotated[Path, typer.Argument(help="the edge bundle folder (e.
         _fail(str(exc))
         raise
     console.print(f"signed {out} with key {rec['key_id']} (from {origin})", highlight=False)
+
+
+# ------------------------------------------------------------------------------------------ the registry
+def _registry() -> Any:
+    from edgeqa.release.registry import Registry
+
+    stack = _stack()
+    try:
+        stack.check_s3()
+    except StackError as exc:
+        _fail(str(exc))
+    return Registry(stack.s3_client(), stack.cfg.buckets["releases"])
+
+
+def _registry_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    from edgeqa.errors import StageError
+    from edgeqa_runtime.bundle import BundleError
+
+    try:
+        return fn(*args, **kwargs)
+    except (StageError, BundleError) as exc:
+        _fail(str(exc))
+
+
+def _aliases(reg: Any) -> dict[str, str]:
+    from edgeqa.release.registry import ALIASES
+
+    out = {}
+    for alias in ALIASES:
+        ptr, _ = reg.pointer(alias)
+        if ptr is not None:
+            out[alias] = ptr["to"]
+    return out
+
+
+@releases_app.command("list")
+def releases_list(as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table")] = False) -> None:
+    """Every published version (one whose manifest is uploaded), oldest first, with the aliases on it."""
+    reg = _registry()
+    versions, aliases = reg.versions(), _aliases(reg)
+    for v in versions:
+        v["aliases"] = sorted(a for a, to in aliases.items() if to == v["version"])
+    if as_json:
+        print(json.dumps(versions, indent=1))
+        return
+    t = Table("version", "published", "aliases", title=f"s3://{reg.bucket}/candidates/")
+    for v in versions:
+        t.add_row(v["version"], v["published"], ", ".join(v["aliases"]))
+    console.print(t)
+
+
+@releases_app.command("show")
+def releases_show(version: str) -> None:
+    """A published version's manifest: source model, metrics, lineage, files, and the aliases on it."""
+    reg = _registry()
+    m = _registry_call(reg.manifest, version)
+    if m is None:
+        _fail(f"no version {version!r} in s3://{reg.bucket}/candidates/ (see `edgeqa releases list`)")
+    files = m.pop("files")
+    m["aliases"] = sorted(a for a, to in _aliases(reg).items() if to == version)
+    m["files"] = {name: e["sha256"][:16] for name, e in files.items()}
+    m["bytes"] = sum(e["bytes"] for e in files.values())
+    print(json.dumps(m, indent=1, sort_keys=True))
+
+
+@releases_app.command("audit")
+def releases_audit(alias: Annotated[str, typer.Option(help="staging or production")] = "production",
+                   as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table")] = False) -> None:
+    """Every change of an alias, oldest first: who, when, from, to, why, and the gate report's hash."""
+    reg = _registry()
+    events = _registry_call(reg.audit, alias)
+    if as_json:
+        print(json.dumps(events, indent=1))
+        return
+    t = Table("seq", "when", "action", "from", "to", "who", "reason", title=f"audit/{alias}/")
+    for e in events:
+        t.add_row(str(e["seq"]), e["when"], e["action"], e["from"] or "-", e["to"], e["who"], e["reason"])
+    console.print(t)
+
+
+@app.command()
+def publish(bundle: Annotated[Path, typer.Argument(help="a signed bundle folder (`edgeqa sign`)")]) -> None:
+    """Upload a signed bundle to the registry as candidates/<version>/: every file read back against its
+    SHA-256, the manifest last (a version without it does not exist). The same bundle again is a no-op."""
+    reg = _registry()
+    res = _registry_call(reg.publish, bundle)
+    verb = "published" if res["created"] else "already published (nothing uploaded):"
+    console.print(f"{verb} {res['version']} -> s3://{reg.bucket}/candidates/{res['version']}/", highlight=False)
+
+
+@app.command()
+def promote(version: str,
+            to: Annotated[str, typer.Option(help="the alias to move: staging or production")],
+            reason: Annotated[str, typer.Option(help="why; kept in the audit log")] = "",
+            who: Annotated[str | None, typer.Option(help="recorded as who (default: user@host)")] = None) -> None:
+    """Point an alias at a published version. The pointer is written conditionally (a concurrent change is
+    never lost) and every change appends one audit event."""
+    reg = _registry()
+    ev = _registry_call(reg.promote, version, to, who=who, reason=reason)
+    console.print(f"{to}: {ev['from'] or '(none)'} -> {ev['to']} (audit event {ev['seq']}, by {ev['who']})",
+                  highlight=False)
+
+
+@app.command()
+def rollback(alias: Annotated[str, typer.Option(help="the alias to move back")] = "production",
+             reason: Annotated[str, typer.Option(help="why; kept in the audit log")] = "",
+             who: Annotated[str | None, typer.Option(help="recorded as who (default: user@host)")] = None) -> None:
+    """Point an alias back at the version it held before its current one (an audit event like any other)."""
+    reg = _registry()
+    ev = _registry_call(reg.rollback, alias, who=who, reason=reason)
+    console.print(f"{alias} rolled back: {ev['from']} -> {ev['to']} (audit event {ev['seq']}, by {ev['who']})",
+                  highlight=False)
 
 
 if __name__ == "__main__":
