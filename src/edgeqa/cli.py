@@ -224,7 +224,9 @@ def seeds(seed: Annotated[list[int] | None, typer.Option(
 @app.command()
 def predict(
         target: Annotated[Path, typer.Argument(metavar="IMAGE_OR_FOLDER", help="an image, or a folder of images")],
-        bundle: Annotated[Path, typer.Option(help="the edge bundle folder (e.g. models/edge)")],
+        bundle: Annotated[str, typer.Option(help="the edge bundle folder (e.g. models/edge), or "
+                                           "s3://BUCKET/production|staging|candidates/<version> (downloaded once "
+                                           "into the cache, verified on every use)")],
         out: Annotated[Path | None, typer.Option(help="write JSON lines here (default: stdout)")] = None,
         threads: Annotated[int, typer.Option(help="onnxruntime intra-op threads")] = 1,
         max_reason_tokens: Annotated[int | None, typer.Option(help="cap on the reason (default: the bundle's)")]
@@ -235,11 +237,15 @@ def predict(
         require_signature: Annotated[bool, typer.Option(help="refuse when no trusted keys are configured")]
         = False) -> None:
     """Answer an image or every image in a folder with an edge bundle, as `edgeqa-edge predict` on a device
-    (the same function): one JSON line per image; an unreadable image gets its own line with `error`.
+    (the same function): one JSON line per image; an unreadable image gets its own line with `error`. An s3://
+    bundle uses boto3's settings (AWS_*), else the project's local SeaweedFS.
     Exit 0: all answered; 1: some images unreadable; 2: the bundle or the arguments were refused."""
     from edgeqa_runtime.bundle import BundleError
     from edgeqa_runtime.cli import predict as edge_predict
+    from edgeqa_runtime.remote import is_remote
 
+    if is_remote(bundle) and not os.environ.get("AWS_ACCESS_KEY_ID"):
+        os.environ.update(_stack().s3_env())  # no S3 settings of its own: the project's local store
     try:
         code = edge_predict(bundle, target, out, threads, max_reason_tokens, progress, trust=trust,
                             require_signature=require_signature)
@@ -272,6 +278,30 @@ def keys_public(out: Annotated[Path | None, typer.Option(help="write the PEM her
     else:
         atomic_write_text(out, pem)
         console.print(f"key {key_id(key.public_key())} (from {origin}) -> {out}", highlight=False)
+
+
+@keys_app.command("reviewer")
+def keys_reviewer(name: Annotated[str, typer.Argument(help="the reviewer's name, as in release.reviewers")],
+                  role: Annotated[str, typer.Option(help="the reviewer's role, recorded with each decision")],
+                  key_file: Annotated[Path | None, typer.Option(help="where the private key lives (default: "
+                                                                "~/.config/edgeqa/reviewer-NAME.pem)")] = None
+                  ) -> None:
+    """A reviewer's ed25519 key (created at first use, mode 600, outside git); prints the release.reviewers entry
+    to add to params.yaml (commit it: the allow-list is reviewed like code)."""
+    from edgeqa.errors import StageError
+    from edgeqa.release.approval import key_path, reviewer_entry
+    from edgeqa.release.signing import load_or_create
+    from edgeqa_runtime.trust import key_id, public_pem
+
+    path = key_file or key_path(name)
+    try:
+        key, origin = load_or_create(path, what=f"reviewer key for {name}")
+    except StageError as exc:
+        _fail(str(exc))
+        raise
+    console.print(f"# reviewer {name}: key {key_id(key.public_key())} in {origin}; add under release.reviewers:",
+                  highlight=False)
+    print(reviewer_entry(name, role, public_pem(key.public_key())), end="")
 
 
 @app.command()
@@ -383,15 +413,64 @@ def publish(bundle: Annotated[Path, typer.Argument(help="a signed bundle folder 
 
 @app.command()
 def promote(version: str,
-            to: Annotated[str, typer.Option(help="the alias to move: staging or production")],
+            to: Annotated[str, typer.Option(help="the alias to move: staging (production: `edgeqa approve`)")],
             reason: Annotated[str, typer.Option(help="why; kept in the audit log")] = "",
             who: Annotated[str | None, typer.Option(help="recorded as who (default: user@host)")] = None) -> None:
-    """Point an alias at a published version. The pointer is written conditionally (a concurrent change is
-    never lost) and every change appends one audit event."""
+    """Point `staging` at a published version (production moves only by a signed approval: `edgeqa approve`).
+    The pointer is written conditionally (a concurrent change is never lost); every change appends one audit
+    event."""
+    if to == "production":
+        _fail("production moves only by a reviewer's signed approval: edgeqa approve VERSION --key FILE "
+              "(the version must be on staging; `edgeqa rollback` restores the previous production)")
     reg = _registry()
     ev = _registry_call(reg.promote, version, to, who=who, reason=reason)
     console.print(f"{to}: {ev['from'] or '(none)'} -> {ev['to']} (audit event {ev['seq']}, by {ev['who']})",
                   highlight=False)
+
+
+def _decide(version: str, decision: str, key_file: Path | None, reviewer: str | None, comment: str) -> None:
+    from edgeqa.config import ParamsError, load_params
+    from edgeqa.errors import StageError
+    from edgeqa.release.approval import decide, key_path
+
+    if key_file is None and reviewer is None:
+        _fail("name the reviewer's key: --key FILE, or --reviewer NAME for ~/.config/edgeqa/reviewer-NAME.pem")
+    path = key_file or key_path(str(reviewer))
+    if not path.is_file():
+        _fail(f"{path}: no such key; a reviewer makes one with `edgeqa keys reviewer NAME --role ROLE`")
+    try:
+        from edgeqa.release.signing import load_or_create
+
+        params = load_params(project_root() / "params.yaml")
+        key, _ = load_or_create(path, what="reviewer key")
+        res = decide(_registry(), params.release.reviewers, key, version, decision, comment)
+    except (StageError, ParamsError) as exc:
+        _fail(str(exc))
+        raise
+    d = res["record"]["decision"]
+    moved = f"; production: {res['event']['from'] or '(none)'} -> {version} (audit event {res['event']['seq']})" \
+        if res["event"] else "; staging and production unchanged"
+    console.print(f"{decision} {version} by {d['reviewer']} ({d['role']}), signed by key {res['record']['key_id']}"
+                  f"{moved}", highlight=False)
+
+
+_KEY = Annotated[Path | None, typer.Option("--key", help="the reviewer's private key file")]
+_REVIEWER = Annotated[str | None, typer.Option(help="the reviewer's name: its key in ~/.config/edgeqa/")]
+
+
+@app.command()
+def approve(version: str, key: _KEY = None, reviewer: _REVIEWER = None,
+            comment: Annotated[str, typer.Option(help="why; signed and kept in the audit log")] = "") -> None:
+    """Approve the version on staging for production, signed with a reviewer's key from release.reviewers;
+    production moves to it and the audit event carries the signed decision."""
+    _decide(version, "approve", key, reviewer, comment)
+
+
+@app.command()
+def reject(version: str, key: _KEY = None, reviewer: _REVIEWER = None,
+           comment: Annotated[str, typer.Option(help="why; signed and kept in the registry")] = "") -> None:
+    """Reject the version on staging, signed with a reviewer's key; the decision is recorded, nothing moves."""
+    _decide(version, "reject", key, reviewer, comment)
 
 
 @app.command()
@@ -403,6 +482,40 @@ def rollback(alias: Annotated[str, typer.Option(help="the alias to move back")] 
     ev = _registry_call(reg.rollback, alias, who=who, reason=reason)
     console.print(f"{alias} rolled back: {ev['from']} -> {ev['to']} (audit event {ev['seq']}, by {ev['who']})",
                   highlight=False)
+
+
+@app.command()
+def release(commit: Annotated[str, typer.Option(help="the commit (or `dvc exp save` ref) the working tree equals")]
+            = "HEAD",
+            reason: Annotated[str, typer.Option(help="why; kept in the audit log")] = "",
+            key_file: Annotated[Path | None, typer.Option(help="the signing key file (default: as `keys public`)")]
+            = None) -> None:
+    """Run the `edgeqa-release` flow on the local Prefect server: the gate's report; the signed release bundle
+    (model card, lineage and version in its manifest) from a committed, `dvc status`-clean state;
+    champion/challenger and latency against production, uncached; publish; point `staging` at it.
+    Exit 0: on staging, or nothing new; 3: refused by the gate or the champion (nothing published);
+    2: the release could not run (dirty tree, stale outputs, no stack...)."""
+    root = project_root()
+    stack = _stack()
+    try:
+        stack.up()
+    except StackError as exc:
+        _fail(str(exc))
+    use_stack_env(stack)
+    flow = load_project_module(root, "flows.release").release
+    state = flow(repo=str(root), commit=commit, reason=reason, key_file=str(key_file) if key_file else None,
+                 return_state=True)
+    url = f"{stack.cfg.prefect_ui_url}/runs/flow-run/{state.state_details.flow_run_id}"
+    if not state.is_completed():
+        _fail(f"the release flow {state.name}: {state.message}\nthe run in the Prefect UI: {url}")
+    res = state.result()
+    if res["outcome"] == "refused":
+        console.print(f"[yellow]release refused by the {res['by']}[/yellow]: {res['summary']}\nnothing was "
+                      f"published beyond the candidate area; the run in the Prefect UI: {url}", highlight=False)
+        raise typer.Exit(3)
+    colour = "green" if res["outcome"] == "staged" else "cyan"
+    console.print(f"[{colour}]release {res['outcome']}[/{colour}]: {res['summary']}\nthe run in the Prefect UI: "
+                  f"{url}", highlight=False)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,8 @@ class StackConfig:
     @classmethod
     def load(cls, project: Path, env: dict[str, str] | None = None, path: Path | None = None) -> StackConfig:
         """The stack of `project` from its infra/stack.yaml (or `path`); a relative state_dir is under the
-        project."""
+        project. The environment may move the ports (EDGEQA_<PORT>_PORT), the state folder (EDGEQA_STATE_DIR) and
+        the buckets (EDGEQA_<NAME>_BUCKET, e.g. EDGEQA_RELEASES_BUCKET for a second registry)."""
         env = dict(os.environ if env is None else env)
         path = Path(path) if path is not None else Path(project) / CONFIG
         if not path.is_file():
@@ -67,7 +68,8 @@ class StackConfig:
         host = raw.get("host", "127.0.0.1")
         if host != "127.0.0.1":
             raise StackError(f"{path}: host must be 127.0.0.1 (the stack binds to loopback only), got {host!r}")
-        return cls(state_dir=state, ports=ports, host=host, buckets=dict(raw["buckets"]),
+        buckets = {k: env.get(f"EDGEQA_{k.upper()}_BUCKET", v) for k, v in dict(raw["buckets"]).items()}
+        return cls(state_dir=state, ports=ports, host=host, buckets=buckets,
                    prefect_block=raw["prefect_block"], start_timeout_s=float(raw["timeouts"]["start_s"]),
                    stop_timeout_s=float(raw["timeouts"]["stop_s"]))
 
@@ -233,6 +235,9 @@ class Stack:
                              f"environment variables named.")
 
     def _weed_cmd(self) -> list[str]:
+        # -volume.max: each bucket is a collection that takes about 7 volumes at its first write; 50 allowed 7
+        # buckets and the 8th write failed with InternalError ("failed to find writable volumes"). Volumes are
+        # sparse files, so 300 (about 40 buckets: the registry's tests use one each) costs no disk up front.
         p, h = self.cfg.ports, self.cfg.host
         return [_bin("weed"), "server", f"-ip={h}", f"-ip.bind={h}", f"-dir={self.cfg.path('seaweedfs')}",
                 f"-master.port={p['master']}", f"-master.port.grpc={p['master_grpc']}",
@@ -240,7 +245,7 @@ class Stack:
                 "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}",
                 "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}",
                 f"-s3.config={self.cfg.path('s3.json')}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-                "-iam=false", "-master.volumeSizeLimitMB=512", "-volume.max=50", "-master.telemetry=false",
+                "-iam=false", "-master.volumeSizeLimitMB=512", "-volume.max=300", "-master.telemetry=false",
                 "-volume.preStopSeconds=1", "-master.electionTimeout=1s"]
 
     def prefect_env(self) -> dict[str, str]:

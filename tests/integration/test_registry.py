@@ -174,8 +174,9 @@ def test_bad_names_are_refused(registry):
 
 
 def test_the_cli_publishes_promotes_audits_and_rolls_back(stack, tmp_path, monkeypatch):
-    """`edgeqa publish / releases list|show|audit / promote / rollback` against the session's SeaweedFS, in the
-    project's own releases bucket (the stack is found through EDGEQA_STATE_DIR and the port variables)."""
+    """`edgeqa publish / releases list|show|audit / promote / rollback` against the session's SeaweedFS (the
+    stack is found through EDGEQA_STATE_DIR and the port variables, the registry through
+    EDGEQA_RELEASES_BUCKET)."""
     from typer.testing import CliRunner
 
     from edgeqa.cli import app
@@ -184,6 +185,9 @@ def test_the_cli_publishes_promotes_audits_and_rolls_back(stack, tmp_path, monke
     monkeypatch.setenv("EDGEQA_STATE_DIR", str(stack.cfg.state_dir))
     for k in PORT_KEYS:
         monkeypatch.setenv(f"EDGEQA_{k.upper()}_PORT", str(stack.cfg.ports[k]))
+    bucket = f"reg-cli-{uuid.uuid4().hex[:8]}"  # its own registry (EDGEQA_RELEASES_BUCKET), as a second site would
+    stack.s3_client().create_bucket(Bucket=bucket)
+    monkeypatch.setenv("EDGEQA_RELEASES_BUCKET", bucket)
     tag = uuid.uuid4().hex[:8]
     a, b = _signed_bundle(tmp_path, f"a-{tag}"), _signed_bundle(tmp_path, f"b-{tag}")
 
@@ -195,21 +199,25 @@ def test_the_cli_publishes_promotes_audits_and_rolls_back(stack, tmp_path, monke
     assert f"published a-{tag}" in cli("publish", str(a))
     assert "already published (nothing uploaded)" in cli("publish", str(a))
     cli("publish", str(b))
-    cli("promote", f"a-{tag}", "--to", "production", "--reason", "first", "--who", "alice")
-    cli("promote", f"b-{tag}", "--to", "production", "--reason", "newer", "--who", "bob")
+    assert "production moves only by a reviewer's signed approval" in cli(
+        "promote", f"a-{tag}", "--to", "production", code=2)
+    cli("promote", f"a-{tag}", "--to", "staging", "--reason", "first", "--who", "alice")
+    cli("promote", f"b-{tag}", "--to", "staging", "--reason", "newer", "--who", "bob")
     listed = {v["version"]: v for v in json.loads(cli("releases", "list", "--json"))}
-    assert listed[f"b-{tag}"]["aliases"] == ["production"] and listed[f"a-{tag}"]["aliases"] == []
+    assert set(listed) == {f"a-{tag}", f"b-{tag}"}, "the CLI reads the bucket EDGEQA_RELEASES_BUCKET names"
+    assert listed[f"b-{tag}"]["aliases"] == ["staging"] and listed[f"a-{tag}"]["aliases"] == []
     shown = json.loads(cli("releases", "show", f"a-{tag}"))
     assert shown["version"] == f"a-{tag}" and set(shown["files"]) == {"vision.onnx", "runtime.json"}
-    assert f"production rolled back: b-{tag} -> a-{tag}" in cli("rollback", "--reason", "line complaints",
-                                                                  "--who", "carol")
-    log = json.loads(cli("releases", "audit", "--alias", "production", "--json"))[-3:]
+    assert f"staging rolled back: b-{tag} -> a-{tag}" in cli("rollback", "--alias", "staging", "--reason",
+                                                               "line complaints", "--who", "carol")
+    log = json.loads(cli("releases", "audit", "--alias", "staging", "--json"))
     assert [(e["action"], e["who"], e["to"], e["reason"]) for e in log] == [
         ("promote", "alice", f"a-{tag}", "first"), ("promote", "bob", f"b-{tag}", "newer"),
         ("rollback", "carol", f"a-{tag}", "line complaints")]
     # refusals: exit 2 and a message that names what was wrong
     assert "no version 'nope'" in cli("promote", "nope", "--to", "staging", code=2)
     assert "allowed aliases are staging, production" in cli("promote", f"a-{tag}", "--to", "prod", code=2)
+    assert "production has no previous version" in cli("rollback", code=2)
     assert "no version 'nope'" in cli("releases", "show", "nope", code=2)
     (b / "manifest.sig").unlink()
     assert "signed bundles only" in cli("publish", str(b), code=2)

@@ -51,6 +51,7 @@ def test_unknown_key_is_rejected_with_its_dotted_name():
     (("evaluate", "models"), ["teacher", "sft", "sft"], r"evaluate\.models: .*unique"),
     (("distill", "weights"), {"human": 1.0, "teacher": -1.0}, r"distill\.weights: .*w >= 0"),
     (("sft", "paste", "contrast"), [0.5, 0.1], r"sft\.paste\.contrast: .*low < high"),
+    (("release", "challenger", "max_latency_ratio"), 0, r"release\.challenger\.max_latency_ratio: .*greater than 0"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(path, value, expect):
     raw = _raw()

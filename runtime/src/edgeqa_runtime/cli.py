@@ -1,4 +1,4 @@
-"""`edgeqa-edge predict --bundle DIR IMAGE_OR_FOLDER [--out FILE.jsonl]`: the device-side command.
+"""`edgeqa-edge predict --bundle DIR|s3://BUCKET/ALIAS IMAGE_OR_FOLDER [--out FILE.jsonl]`: the device-side command.
 
 One JSON object per image: path, verdict, type, location, reason, P(defective), the type and location
 distributions and the latency (file read to answer, decoding and the reason included). A folder is walked
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from edgeqa_runtime.bundle import BundleError
+from edgeqa_runtime.remote import is_remote
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -71,11 +72,16 @@ def answers(bundle: Path, paths: list[Path], threads: int = 1, max_reason_tokens
         yield record(p, pred, bundle_id)
 
 
-def predict(bundle: Path, target: Path, out: Path | None = None, threads: int = 1,
+def predict(bundle: str | Path, target: Path, out: Path | None = None, threads: int = 1,
             max_reason_tokens: int | None = None, progress: bool = True, stdout: TextIO | None = None,
             trust: Path | None = None, require_signature: bool = False) -> int:
     """Answer an image or a folder with a bundle; JSON lines to `out` (written to a temp name, then renamed)
-    or to stdout. Returns the exit status (0 all answered, 1 some images unreadable)."""
+    or to stdout. Returns the exit status (0 all answered, 1 some images unreadable). `bundle` may be
+    `s3://BUCKET/production` (or staging, or a version): see `edgeqa_runtime.remote`."""
+    if is_remote(bundle):
+        from edgeqa_runtime.remote import fetch
+
+        bundle = fetch(str(bundle))
     paths = images_in(Path(target))
     if not paths:
         raise FileNotFoundError(f"{target}: no images (extensions {', '.join(IMAGE_EXTS)})")
@@ -110,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", help="answer an image or every image in a folder with an edge bundle")
-    p.add_argument("--bundle", required=True, type=Path, help="the edge bundle folder")
+    p.add_argument("--bundle", required=True, help="the edge bundle folder, or s3://BUCKET/production (or "
+                   "staging, or candidates/<version>; needs the [s3] extra; downloaded once, verified every time)")
     p.add_argument("target", type=Path, metavar="IMAGE_OR_FOLDER")
     p.add_argument("--out", type=Path, help="write JSON lines here (default: stdout)")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")

@@ -6,6 +6,7 @@ from edgeqa.config.schema import (
     GRID_WORDS,
     SPLITS,
     BaseLMConfig,
+    ChallengerRules,
     DecoderConfig,
     DistillConfig,
     EvaluateConfig,
@@ -22,6 +23,8 @@ from edgeqa.config.schema import (
     PruneConfig,
     QuantizeConfig,
     RecoveryConfig,
+    ReleaseConfig,
+    Reviewer,
     SFTConfig,
     StudentConfig,
     StudentStageConfig,
@@ -34,8 +37,9 @@ from edgeqa.config.schema import (
     parse_params,
 )
 
-__all__ = ["GRID_WORDS", "SPLITS", "BaseLMConfig", "DecoderConfig", "DistillConfig", "EvaluateConfig", "GateConfig",
-           "GateOverrides", "GateRules", "IngestConfig", "LabelConfig", "MaskFactsConfig", "Params", "ParamsError",
-           "PasteConfig", "PathsConfig", "PruneConfig", "QuantizeConfig", "RecoveryConfig", "SFTConfig",
-           "StudentConfig", "StudentStageConfig", "SynthCategory", "SynthConfig", "TeacherConfig", "ThresholdRule",
-           "ValidateConfig", "load_params", "parse_params"]
+__all__ = ["GRID_WORDS", "SPLITS", "BaseLMConfig", "ChallengerRules", "DecoderConfig", "DistillConfig",
+           "EvaluateConfig", "GateConfig", "GateOverrides", "GateRules", "IngestConfig", "LabelConfig",
+           "MaskFactsConfig", "Params", "ParamsError", "PasteConfig", "PathsConfig", "PruneConfig", "QuantizeConfig",
+           "RecoveryConfig", "ReleaseConfig", "Reviewer", "SFTConfig", "StudentConfig", "StudentStageConfig",
+           "SynthCategory", "SynthConfig", "TeacherConfig", "ThresholdRule", "ValidateConfig", "load_params",
+           "parse_params"]

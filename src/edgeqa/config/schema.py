@@ -498,6 +498,54 @@ class GateConfig(_Section):
         return self
 
 
+class ChallengerRules(_Section):
+    """Champion/challenger (the `edgeqa-release` flow, never cached): the candidate against the bundle in
+    production now, on the same test images, in the same run, on this machine's CPU."""
+    max_auroc_drop: float = Field(ge=0, le=1)  # champion AUROC - candidate AUROC
+    max_type_accuracy_drop: float = Field(ge=0, le=1)
+    max_latency_ratio: float = Field(gt=0, le=100)  # candidate median ms / champion median ms, side by side
+
+
+class Reviewer(_Section):
+    """One person who may approve or reject a release for production; their decisions are signed with the
+    private half of `public_key` (ed25519 PEM), which never enters the repository."""
+    name: str = Field(pattern=r"^[a-z][a-z0-9_.-]{0,39}$")
+    role: str = Field(min_length=1, max_length=60)
+    public_key: str
+
+    @field_validator("public_key")
+    @classmethod
+    def _pem(cls, v: str) -> str:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        try:
+            k = serialization.load_pem_public_key(v.strip().encode())
+        except ValueError as exc:
+            raise ValueError(f"not a PEM public key ({exc}); `edgeqa keys reviewer NAME` prints one") from None
+        if not isinstance(k, Ed25519PublicKey):
+            raise ValueError(f"a {type(k).__name__}; reviewer keys are ed25519")
+        return v
+
+
+class ReleaseConfig(_Section):
+    """The `edgeqa-release` flow: champion/challenger, latency, the registry and the wait for a human."""
+    challenger: ChallengerRules
+    threads: int = Field(ge=1, le=64)  # onnxruntime intra-op threads while both bundles answer
+    max_reason_tokens: int = Field(ge=1, le=256)
+    reviewers: list[Reviewer] = Field(default_factory=list)  # who may move production, by signed decision
+
+    @model_validator(mode="after")
+    def _unique(self) -> ReleaseConfig:
+        names = [r.name for r in self.reviewers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"reviewers: names must be unique, got {names}")
+        keys = [r.public_key.strip() for r in self.reviewers]
+        if len(set(keys)) != len(keys):
+            raise ValueError("reviewers: each reviewer needs their own key (two entries share one)")
+        return self
+
+
 class Params(_Section):
     paths: PathsConfig
     base_lm: BaseLMConfig
@@ -513,6 +561,7 @@ class Params(_Section):
     prune: PruneConfig
     quantize: QuantizeConfig
     gate: GateConfig
+    release: ReleaseConfig
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:

@@ -50,7 +50,7 @@ def _parse(pem: bytes, origin: str) -> Ed25519PrivateKey:
     return k
 
 
-def _create(path: Path) -> Ed25519PrivateKey:
+def _create(path: Path, what: str = "release signing key") -> Ed25519PrivateKey:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -66,18 +66,19 @@ def _create(path: Path) -> Ed25519PrivateKey:
         return _parse(path.read_bytes(), str(path))
     finally:
         os.unlink(tmp)
-    log.warning("created a new release signing key %s (key id %s); give devices its public key: "
-                "edgeqa keys public", path, key_id(key.public_key()))
+    log.warning("created a new %s %s (key id %s)%s", what, path, key_id(key.public_key()),
+                "; give devices its public key: edgeqa keys public" if what == "release signing key" else "")
     return key
 
 
-def load_or_create(path: Path | None = None) -> tuple[Ed25519PrivateKey, str]:
-    """The signing key and where it came from (see the module doc for the order)."""
+def load_or_create(path: Path | None = None, what: str = "release signing key") -> tuple[Ed25519PrivateKey, str]:
+    """The signing key and where it came from (see the module doc for the order). `what` names another kind
+    of key kept the same way (a reviewer's key, given its path)."""
     if path is None and os.environ.get(ENV_KEY):
         return _parse(os.environ[ENV_KEY].encode(), f"${ENV_KEY}"), f"${ENV_KEY}"
     path = Path(path) if path is not None else default_key_file()
     if not path.exists():
-        return _create(path), str(path)
+        return _create(path, what), str(path)
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         raise StageError(f"{path}: permissions {mode:04o} are too open for a signing key; it must be readable by "
