@@ -68,7 +68,7 @@ class StackConfig:
         host = raw.get("host", "127.0.0.1")
         if host != "127.0.0.1":
             raise StackError(f"{path}: host must be 127.0.0.1 (the stack binds to loopback only), got {host!r}")
-        buckets = {k: env.get(f"EDGEQA_{k.upper()}_BUCKET", v) for k, v in dict(raw["buckets"]).items()}
+        buckets = {str(k): str(env.get(f"EDGEQA_{str(k).upper()}_BUCKET") or v) for k, v in raw["buckets"].items()}
         return cls(state_dir=state, ports=ports, host=host, buckets=buckets,
                    prefect_block=raw["prefect_block"], start_timeout_s=float(raw["timeouts"]["start_s"]),
                    stop_timeout_s=float(raw["timeouts"]["stop_s"]))
