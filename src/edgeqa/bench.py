@@ -381,13 +381,13 @@ def models_bench(params: Any, root: Path) -> None:
     recs = [benchrec.record("models:int8_gemm_macs_per_s", rate, "MAC/s", None,
                             "onnxruntime MatMulInteger 1024^3, one thread, same run")]
     table = []
-    for name, r in rows.items():
-        if r.get("macs"):
-            r["physical_limit_ms"] = r["macs"] / rate * 1000
+    for name, row in rows.items():
+        if row.get("macs"):
+            row["physical_limit_ms"] = row["macs"] / rate * 1000
         if teacher_p50:
-            r["teacher_over_p50"] = teacher_p50 / r["p50_ms"]
+            row["teacher_over_p50"] = teacher_p50 / row["p50_ms"]
         if fp32_p50:
-            r["fp32_student_over_p50"] = fp32_p50 / r["p50_ms"]
+            row["fp32_student_over_p50"] = fp32_p50 / row["p50_ms"]
         units = {"bank_rows": "count", "bank_bytes": "bytes",
                  "p50_ms": "ms", "p95_ms": "ms", "images_per_s_batch8_2threads": "img/s", "peak_rss_bytes": "bytes",
                  "file_bytes": "bytes", "macs": "MAC", "parameters": "count", "auroc": "", "type_accuracy": "",
@@ -396,15 +396,16 @@ def models_bench(params: Any, root: Path) -> None:
         targets = {("edge", "p50_ms"): "<= 10 ms", ("edge", "file_bytes"): "<= 5 MB",
                    ("edge", "teacher_over_p50"): ">= 50"}
         for k, unit in units.items():
-            if r.get(k) is not None:
-                recs.append(benchrec.record(f"models:{name}:{k}", r[k], unit, targets.get((name, k)), cmd))
-        table.append([name, f"{r['parameters']:,}" if r.get("parameters") else "", f"{r['file_bytes'] / 1e6:.2f}",
-                      f"{r['macs'] / 1e6:.0f}" if r.get("macs") else "not counted", f"{r['p50_ms']:.1f}",
-                      f"{r['p95_ms']:.1f}", f"{r['images_per_s_batch8_2threads']:.1f}",
-                      f"{r['peak_rss_bytes'] / 2**20:.0f}", f"{r['physical_limit_ms']:.2f}" if r.get("macs") else "",
-                      f"{r['teacher_over_p50']:.1f}" if r.get("teacher_over_p50") else "",
-                      f"{r['fp32_student_over_p50']:.2f}" if r.get("fp32_student_over_p50") else "",
-                      *(f"{r[k]:.3f}" if r.get(k) is not None else "" for k in ("auroc", "type_accuracy"))])
+            if row.get(k) is not None:
+                recs.append(benchrec.record(f"models:{name}:{k}", row[k], unit, targets.get((name, k)), cmd))
+        table.append([name, f"{row['parameters']:,}" if row.get("parameters") else "", f"{row['file_bytes'] / 1e6:.2f}",
+                      f"{row['macs'] / 1e6:.0f}" if row.get("macs") else "not counted", f"{row['p50_ms']:.1f}",
+                      f"{row['p95_ms']:.1f}", f"{row['images_per_s_batch8_2threads']:.1f}",
+                      f"{row['peak_rss_bytes'] / 2**20:.0f}",
+                      f"{row['physical_limit_ms']:.2f}" if row.get("macs") else "",
+                      f"{row['teacher_over_p50']:.1f}" if row.get("teacher_over_p50") else "",
+                      f"{row['fp32_student_over_p50']:.2f}" if row.get("fp32_student_over_p50") else "",
+                      *(f"{row[k]:.3f}" if row.get(k) is not None else "" for k in ("auroc", "type_accuracy"))])
     out = root / params.paths.bench_dir / "models.json"
     benchrec.write(out, recs)
     md = (f"# Models, one run ({benchrec.cpu()})\n\n{cmd}. Physical limit: MACs / {rate / 1e9:.1f} GMAC/s, the "
@@ -475,7 +476,8 @@ def student_bench(params: Any, root: Path, teacher_ips: float | None) -> None:
         students = STUDENTS  # each trained by the stage of its name
         parts = [walls.get(f"stage:{s}") for s in students]
         if all(v is not None for v in parts):
-            recs.append(benchrec.record("student:train_stages_s", sum(parts), "s", "<= 120 s (README budget)",
+            total = sum(float(v) for v in parts if v is not None)
+            recs.append(benchrec.record("student:train_stages_s", total, "s", "<= 120 s (README budget)",
                                         "baseline + sft + distill stage walls, last edgeqa run"))
     benchrec.write(out, recs)
     print(f"student: {n_s:,} parameters ({n_t / n_s if n_t else float('nan'):.1f}x fewer), {ips:.1f} img/s "
