@@ -485,7 +485,7 @@ def rollback(alias: Annotated[str, typer.Option(help="the alias to move back")] 
 
 
 @app.command()
-def release(commit: Annotated[str, typer.Option(help="the commit (or `dvc exp save` ref) the working tree equals")]
+def release(commit: Annotated[str, typer.Option(help="the commit the working tree equals (default HEAD)")]
             = "HEAD",
             reason: Annotated[str, typer.Option(help="why; kept in the audit log")] = "",
             key_file: Annotated[Path | None, typer.Option(help="the signing key file (default: as `keys public`)")]
