@@ -54,8 +54,7 @@ def build_release(repo: str, commit: str, key_file: str | None) -> dict[str, Any
 
     root = Path(repo)
     params = load_params(root / "params.yaml")
-    _, stack = _registry(root)
-    work = stack.cfg.path("releases")
+    work = StackConfig.load(root).path("releases")  # a local folder: no S3 call needed here
     key, origin = load_or_create(Path(key_file) if key_file else None)
     tmp = work / f".build-{uuid.uuid4().hex[:8]}"
     m = build(root, params, tmp, key, commit=commit)

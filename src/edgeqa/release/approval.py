@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgeqa.config import Reviewer
 from edgeqa.errors import StageError
-from edgeqa.release.registry import Registry, RegistryError
+from edgeqa.release.registry import Registry, RegistryError, error_code
 from edgeqa_runtime.trust import key_id, parse_trusted
 
 DECISIONS = ("approve", "reject")
@@ -92,7 +92,7 @@ def decide(reg: Registry, reviewers: list[Reviewer], key: Ed25519PrivateKey, ver
         reg.s3.put_object(Bucket=reg.bucket, Key=name, Body=json.dumps(rec, sort_keys=True).encode(),
                           IfNoneMatch="*")
     except Exception as exc:
-        if "PreconditionFailed" in str(exc):
+        if error_code(exc) == "PreconditionFailed":
             raise ApprovalError(f"{r.name} already decided on {version} for staging event {staging['seq']} "
                                 f"(s3://{reg.bucket}/{name}); a decision is recorded once") from None
         raise
@@ -104,15 +104,6 @@ def decide(reg: Registry, reviewers: list[Reviewer], key: Ed25519PrivateKey, ver
                                        extra={"approval": rec})
         except RegistryError as exc:
             raise ApprovalError(str(exc)) from None
-    return out
-
-
-def decisions(reg: Registry, version: str) -> list[dict[str, Any]]:
-    out = []
-    for page in reg.s3.get_paginator("list_objects_v2").paginate(Bucket=reg.bucket, Prefix=f"decisions/{version}/"):
-        for obj in page.get("Contents", []):
-            body = reg.s3.get_object(Bucket=reg.bucket, Key=obj["Key"])["Body"].read()
-            out.append(json.loads(body))
     return out
 
 

@@ -88,11 +88,12 @@ def compare(rules: ChallengerRules, candidate: Path, champion: Path | None, cham
     if rows.empty:
         raise StageError(f"champion/challenger: no images in split {split!r} of {manifest}")
     excluded: dict[str, int] = {}
-    lineage_known = {"candidate": training_images(candidate) is not None}
+    lineage_known: dict[str, bool] = {}
     for name, folder in (("candidate", candidate), ("champion", champion)):
-        seen = training_images(folder) if folder is not None else None
-        if folder is not None:
-            lineage_known[name] = seen is not None
+        if folder is None:
+            continue
+        seen = training_images(folder)
+        lineage_known[name] = seen is not None
         if seen:
             seen_here = rows.sha256.isin(seen)
             excluded[name] = int(seen_here.sum())

@@ -49,7 +49,8 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
-def _code(exc: Exception) -> str:
+def error_code(exc: Exception) -> str:
+    """The S3 error code of a botocore ClientError (empty for anything else)."""
     return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
 
 
@@ -66,7 +67,7 @@ class Registry:
         try:
             r = self.s3.get_object(Bucket=self.bucket, Key=key)
         except Exception as exc:
-            if _code(exc) in ("NoSuchKey", "404"):
+            if error_code(exc) in ("NoSuchKey", "404"):
                 return None
             raise
         return r["Body"].read(), r["ETag"]
@@ -158,7 +159,7 @@ class Registry:
             self.s3.put_object(Bucket=self.bucket, Key=key, Body=json.dumps(event, sort_keys=True).encode(),
                                IfNoneMatch="*")
         except Exception as exc:
-            if _code(exc) != "PreconditionFailed":
+            if error_code(exc) != "PreconditionFailed":
                 raise  # an existing event is never overwritten: there it was already written (a repair race)
 
     def _move(self, alias: str, to: str, who: str, reason: str, gate_report_sha256: str | None,
@@ -176,7 +177,7 @@ class Registry:
             self.s3.put_object(Bucket=self.bucket, Key=f"aliases/{alias}.json",
                                Body=json.dumps(event, sort_keys=True).encode(), **cond)
         except Exception as exc:
-            if _code(exc) in ("PreconditionFailed", "ConditionalRequestConflict"):
+            if error_code(exc) in ("PreconditionFailed", "ConditionalRequestConflict"):
                 raise Conflict(f"aliases/{alias}.json changed while promoting {to}") from None
             raise
         self._write_audit(event)
