@@ -85,6 +85,7 @@ def up() -> None:
         stack.configure_dvc(project_root())
     except StackError as exc:
         _fail(str(exc))
+    deploy_release(stack, project_root())
     _print_status(status)
 
 
@@ -149,6 +150,8 @@ def profile_apply(name: str, params: Annotated[Path | None, typer.Option(
 def run(profile: Annotated[str | None, typer.Option(help="apply this profile to params.yaml first")] = None,
         push: Annotated[bool, typer.Option(help="dvc push the outputs to the S3 remote")] = True,
         target: Annotated[str | None, typer.Option(help="run only this stage and the stages it needs")] = None,
+        release_after: Annotated[bool, typer.Option("--release/--no-release", help="then save the run (`dvc exp "
+                                                    "save`) and release it through the gate")] = True,
         ) -> None:
     """Bring the stack up if needed and run the project's `edgeqa-pipeline` flow against the local Prefect server."""
     from edgeqa.config import ParamsError, load_params
@@ -182,6 +185,13 @@ def run(profile: Annotated[str | None, typer.Option(help="apply this profile to 
             colour = "green" if res["passed"] else "yellow"
             console.print(f"[{colour}]gate[/{colour}] {res['summary']}\n(report: {gate_report.with_suffix('.md')})",
                           highlight=False)
+        if release_after and target is None:
+            # the run as it is now, saved as an experiment, is what the release names; a refusal is an outcome
+            commit = exp_save(root)
+            console.print(f"saved the run as experiment commit {commit[:12]} (dvc exp save); releasing it",
+                          highlight=False)
+            fr, url = _start_release(stack, root, commit, "make run", None, wait=False)
+            _report_release(fr, url)
     else:
         console.print(f"[red]pipeline {state.name}[/red]: {state.message}\nthe run in the Prefect UI: {url}",
                       highlight=False)
@@ -428,10 +438,10 @@ def promote(version: str,
                   highlight=False)
 
 
-def _decide(version: str, decision: str, key_file: Path | None, reviewer: str | None, comment: str) -> None:
-    from edgeqa.config import ParamsError, load_params
+def _reviewer_key(key_file: Path | None, reviewer: str | None) -> Any:
     from edgeqa.errors import StageError
-    from edgeqa.release.approval import decide, key_path
+    from edgeqa.release.approval import key_path
+    from edgeqa.release.signing import load_or_create
 
     if key_file is None and reviewer is None:
         _fail("name the reviewer's key: --key FILE, or --reviewer NAME for ~/.config/edgeqa/reviewer-NAME.pem")
@@ -439,11 +449,78 @@ def _decide(version: str, decision: str, key_file: Path | None, reviewer: str | 
     if not path.is_file():
         _fail(f"{path}: no such key; a reviewer makes one with `edgeqa keys reviewer NAME --role ROLE`")
     try:
-        from edgeqa.release.signing import load_or_create
+        return load_or_create(path, what="reviewer key")[0]
+    except StageError as exc:
+        _fail(str(exc))
 
+
+def _waiting_run(stack: Stack, staging: dict[str, Any] | None) -> Any:
+    """The suspended `edgeqa-release` run that waits for a decision on the version on staging, if any."""
+    if not staging or not staging.get("flow_run_id"):
+        return None
+    use_stack_env(stack)
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            fr = client.read_flow_run(staging["flow_run_id"])
+    except Exception:  # noqa: BLE001 - a run the server no longer knows waits for nothing
+        return None
+    return fr if fr.state is not None and fr.state.is_paused() else None
+
+
+def _wait_run(run_id: Any, stop_when_paused: bool, timeout_s: float = 3600) -> Any:
+    """Poll a flow run until it is final (or paused, if asked); the last FlowRun read."""
+    import time
+
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while True:
+            fr = client.read_flow_run(run_id)
+            st = fr.state
+            if st is not None and (st.is_final() or (stop_when_paused and st.is_paused())):
+                return fr
+            if time.monotonic() > deadline:
+                _fail(f"flow run {run_id} still {st.name if st else '?'} after {timeout_s:.0f} s")
+            time.sleep(1.0)
+
+
+def _run_result(fr: Any) -> dict[str, Any]:
+    res: dict[str, Any] = fr.state.result()
+    return res
+
+
+def _decide(version: str, decision: str, key_file: Path | None, reviewer: str | None, comment: str) -> None:
+    from edgeqa.config import ParamsError, load_params
+    from edgeqa.errors import StageError
+    from edgeqa.release.approval import decide, sign_decision
+
+    key = _reviewer_key(key_file, reviewer)
+    stack = _stack()
+    reg = _registry()
+    try:
         params = load_params(project_root() / "params.yaml")
-        key, _ = load_or_create(path, what="reviewer key")
-        res = decide(_registry(), params.release.reviewers, key, version, decision, comment)
+        staging, _ = reg.pointer("staging")
+        waiting = _waiting_run(stack, staging) if staging and staging["to"] == version else None
+        if waiting is None:  # no run waits (it was released before the wait existed, or its run is gone)
+            res = decide(reg, params.release.reviewers, key, version, decision, comment)
+        else:
+            from prefect.flow_runs import resume_flow_run
+
+            rec = sign_decision(key, params.release.reviewers, version, decision, comment, staging)
+            resume_flow_run(waiting.id, run_input={"decision": decision, "reviewer": rec["decision"]["reviewer"],
+                                                   "comment": comment, "signed_record": json.dumps(rec)})
+            fr = _wait_run(waiting.id, stop_when_paused=True, timeout_s=600)
+            url = f"{stack.cfg.prefect_ui_url}/runs/flow-run/{waiting.id}"
+            if fr.state.is_paused():
+                _fail(f"the release run refused the decision and waits again (see its logs): {url}")
+            if not fr.state.is_completed():
+                _fail(f"the release run {fr.state.name}: {fr.state.message}\n{url}")
+            out = _run_result(fr)
+            console.print(f"{out['outcome']}: {out['summary']}\nthe run in the Prefect UI: {url}", highlight=False)
+            return
     except (StageError, ParamsError) as exc:
         _fail(str(exc))
         raise
@@ -473,6 +550,39 @@ def reject(version: str, key: _KEY = None, reviewer: _REVIEWER = None,
     _decide(version, "reject", key, reviewer, comment)
 
 
+@app.command("approval-token")
+def approval_token(version: str, key: _KEY = None, reviewer: _REVIEWER = None) -> None:
+    """A one-time token for the approval form of the waiting release run in the Prefect UI. It is bound to you
+    (your key signs its grant), to VERSION and to its staging request; only its hash is kept (a Prefect Secret
+    block), and the run deletes it at first use. Issuing a new one replaces the last."""
+    from edgeqa.config import ParamsError, load_params
+    from edgeqa.errors import StageError
+    from edgeqa.release.approval import issue_token, token_block_name
+
+    k = _reviewer_key(key, reviewer)
+    stack = _stack()
+    reg = _registry()
+    try:
+        params = load_params(project_root() / "params.yaml")
+        staging, _ = reg.pointer("staging")
+        token, grant = issue_token(k, params.release.reviewers, version, staging)
+    except (StageError, ParamsError) as exc:
+        _fail(str(exc))
+        raise
+    waiting = _waiting_run(stack, staging)
+    if waiting is None:
+        _fail(f"no release run waits for a decision on {version}; use `edgeqa approve|reject {version}`")
+    from prefect.blocks.system import Secret
+    from pydantic import SecretStr
+
+    name = token_block_name(version, grant["grant"]["reviewer"])
+    Secret(value=SecretStr(json.dumps(grant))).save(name, overwrite=True)
+    console.print(f"one-time token for {grant['grant']['reviewer']} on {version} (expires "
+                  f"{grant['grant']['expires']}):", highlight=False)
+    print(f"token: {token}")
+    console.print(f"the form: {stack.cfg.prefect_ui_url}/runs/flow-run/{waiting.id} (Resume)", highlight=False)
+
+
 @app.command()
 def rollback(alias: Annotated[str, typer.Option(help="the alias to move back")] = "production",
              reason: Annotated[str, typer.Option(help="why; kept in the audit log")] = "",
@@ -484,17 +594,81 @@ def rollback(alias: Annotated[str, typer.Option(help="the alias to move back")] 
                   highlight=False)
 
 
+def deploy_release(stack: Stack, root: Path) -> None:
+    """Apply the `edgeqa-release` deployment for this project on the stack's process work pool."""
+    use_stack_env(stack)
+    load_project_module(root, "flows.release").deploy(root, stack.cfg.work_pool)
+
+
+def _start_release(stack: Stack, root: Path, commit: str, reason: str, key_file: Path | None, wait: bool
+                   ) -> tuple[Any, str]:
+    """Apply the deployment, start a release run on the worker, and follow it until it waits for a reviewer
+    (or, with `wait`, until it ends). The last FlowRun read, and its URL."""
+    from prefect.deployments import run_deployment
+
+    from edgeqa.release.signing import ENV_KEY, default_key_file
+
+    deploy_release(stack, root)
+    key_secret = None
+    if key_file is None and os.environ.get(ENV_KEY):  # the worker has not this environment: a Secret block
+        from prefect.blocks.system import Secret
+        from pydantic import SecretStr
+
+        key_secret = "edgeqa-release-signing-key"
+        Secret(value=SecretStr(os.environ[ENV_KEY])).save(key_secret, overwrite=True)
+    elif key_file is None:
+        key_file = default_key_file()
+    env = {k: v for k, v in os.environ.items() if k.startswith("EDGEQA_") and k.endswith("_BUCKET")}
+    fr: Any = run_deployment("edgeqa-release/edgeqa-release", timeout=0, job_variables={"env": env},
+                             parameters={"repo": str(root), "commit": commit, "reason": reason,
+                                         "key_secret": key_secret,
+                                         "key_file": str(key_file.resolve()) if key_file else None})
+    url = f"{stack.cfg.prefect_ui_url}/runs/flow-run/{fr.id}"
+    console.print(f"release run {fr.name} on the worker: {url}", highlight=False)
+    return _wait_run(fr.id, stop_when_paused=not wait, timeout_s=3 * 3600 if not wait else 90 * 86400), url
+
+
+def _report_release(fr: Any, url: str) -> int:
+    """Print a release run's outcome; the exit code: 0 waiting/released/unchanged, 3 refused/rejected."""
+    if fr.state.is_paused():
+        staging, _ = _registry().pointer("staging")
+        v = staging["to"] if staging else "?"
+        if staging:
+            console.print(f"champion/challenger: {staging.get('challenger')}", highlight=False)
+        console.print(f"[green]staged[/green]: {v} is on staging and the run waits for a reviewer until "
+                      f"{staging.get('approval_deadline') if staging else '?'}:\n  edgeqa approve {v} --reviewer NAME"
+                      f"  (or reject)\n  or the form in the Prefect UI: {url} (token: edgeqa approval-token {v} "
+                      "--reviewer NAME)", highlight=False)
+        return 0
+    if not fr.state.is_completed():
+        _fail(f"the release flow {fr.state.name}: {fr.state.message}\nthe run in the Prefect UI: {url}")
+    res = _run_result(fr)
+    if res["outcome"] in ("refused", "rejected"):
+        by = f" by the {res['by']}" if res.get("by") else ""
+        where = "nothing was published" if res["outcome"] == "refused" else "production did not move"
+        console.print(f"[yellow]release {res['outcome']}{by}[/yellow]: {res['summary']}\n{where}; the run in the "
+                      f"Prefect UI: {url}", highlight=False)
+        return 3
+    colour = "green" if res["outcome"] == "released" else "cyan"
+    console.print(f"[{colour}]release {res['outcome']}[/{colour}]: {res['summary']}\nthe run in the Prefect UI: "
+                  f"{url}", highlight=False)
+    return 0
+
+
 @app.command()
 def release(commit: Annotated[str, typer.Option(help="the commit the working tree equals (default HEAD)")]
             = "HEAD",
             reason: Annotated[str, typer.Option(help="why; kept in the audit log")] = "",
             key_file: Annotated[Path | None, typer.Option(help="the signing key file (default: as `keys public`)")]
-            = None) -> None:
-    """Run the `edgeqa-release` flow on the local Prefect server: the gate's report; the signed release bundle
+            = None,
+            wait: Annotated[bool, typer.Option(help="wait for the reviewer's decision too, not only until the "
+                                                    "run waits for it")] = False) -> None:
+    """Start the `edgeqa-release` deployment on the local worker: the gate's report; the signed release bundle
     (model card, lineage and version in its manifest) from a committed, `dvc status`-clean state;
-    champion/challenger and latency against production, uncached; publish; point `staging` at it.
-    Exit 0: on staging, or nothing new; 3: refused by the gate or the champion (nothing published);
-    2: the release could not run (dirty tree, stale outputs, no stack...)."""
+    champion/challenger and latency against production, uncached; publish; `staging`; then the run waits for a
+    reviewer (`edgeqa approve|reject VERSION`, or its form in the Prefect UI).
+    Exit 0: waiting for a reviewer, released, or nothing new; 3: refused by the gate or the champion (nothing
+    published), or rejected; 2: the release could not run (dirty tree, stale outputs, no stack...)."""
     root = project_root()
     stack = _stack()
     try:
@@ -502,20 +676,46 @@ def release(commit: Annotated[str, typer.Option(help="the commit the working tre
     except StackError as exc:
         _fail(str(exc))
     use_stack_env(stack)
-    flow = load_project_module(root, "flows.release").release
-    state = flow(repo=str(root), commit=commit, reason=reason, key_file=str(key_file) if key_file else None,
-                 return_state=True)
-    url = f"{stack.cfg.prefect_ui_url}/runs/flow-run/{state.state_details.flow_run_id}"
-    if not state.is_completed():
-        _fail(f"the release flow {state.name}: {state.message}\nthe run in the Prefect UI: {url}")
-    res = state.result()
-    if res["outcome"] == "refused":
-        console.print(f"[yellow]release refused by the {res['by']}[/yellow]: {res['summary']}\nnothing was "
-                      f"published beyond the candidate area; the run in the Prefect UI: {url}", highlight=False)
-        raise typer.Exit(3)
-    colour = "green" if res["outcome"] == "staged" else "cyan"
-    console.print(f"[{colour}]release {res['outcome']}[/{colour}]: {res['summary']}\nthe run in the Prefect UI: "
-                  f"{url}", highlight=False)
+    fr, url = _start_release(stack, root, commit, reason, key_file, wait)
+    code = _report_release(fr, url)
+    if code:
+        raise typer.Exit(code)
+
+
+def exp_save(root: Path) -> str:
+    """`dvc exp save` of the workspace as run (params.yaml, dvc.lock, code): the commit a release names. An
+    experiment with the same tree saved before is reused, so the same run is the same release version. Git
+    needs an identity to commit; where none is configured, the run's own is used."""
+    import datetime as dt
+    import subprocess
+    import sys
+
+    def exps() -> dict[str, tuple[str, str]]:  # ref name -> (commit, tree)
+        out = subprocess.run(["git", "for-each-ref", "--format=%(refname) %(objectname) %(tree)", "refs/exps/"],
+                             cwd=root, capture_output=True, text=True, check=True).stdout
+        return {ln.split()[0]: (ln.split()[1], ln.split()[2]) for ln in out.splitlines() if ln.strip()}
+
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    for k, v in (("GIT_AUTHOR_NAME", "edgeqa run"), ("GIT_AUTHOR_EMAIL", "edgeqa@localhost"),
+                 ("GIT_COMMITTER_NAME", "edgeqa run"), ("GIT_COMMITTER_EMAIL", "edgeqa@localhost")):
+        env.setdefault(k, v)
+    before = exps()
+    name = f"run-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
+    r = subprocess.run([sys.executable, "-m", "dvc", "exp", "save", "-n", name, "-m", "edgeqa run, as released"],
+                       cwd=root, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        _fail(f"dvc exp save in {root} failed: {(r.stderr or r.stdout).strip()[-1500:]}")
+    new = {ref: ct for ref, ct in exps().items() if ref.endswith(f"/{name}")}
+    if not new:
+        _fail(f"dvc exp save made no ref for experiment {name} in {root}")
+    sha = next(iter(new.values()))[0]
+    for old, _ in sorted(set(before.values())):  # this run saved already (DVC's own .dvc/tmp aside): reuse it
+        if subprocess.run(["git", "diff", "--quiet", old, sha, "--", ".", ":(exclude).dvc/tmp"], cwd=root,
+                          capture_output=True).returncode == 0:
+            subprocess.run([sys.executable, "-m", "dvc", "exp", "remove", name], cwd=root, env=env,
+                           capture_output=True)
+            return old
+    return sha
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ class StackConfig:
     buckets: dict[str, str] = field(default_factory=lambda: {"dvc": "edgeqa-dvc", "releases": "edgeqa-releases",
                                                              "results": "edgeqa-results"})
     prefect_block: str = "edgeqa-results"
+    work_pool: str = "edgeqa-local"
     start_timeout_s: float = 60.0
     stop_timeout_s: float = 40.0
 
@@ -70,7 +71,8 @@ class StackConfig:
             raise StackError(f"{path}: host must be 127.0.0.1 (the stack binds to loopback only), got {host!r}")
         buckets = {str(k): str(env.get(f"EDGEQA_{str(k).upper()}_BUCKET") or v) for k, v in raw["buckets"].items()}
         return cls(state_dir=state, ports=ports, host=host, buckets=buckets,
-                   prefect_block=raw["prefect_block"], start_timeout_s=float(raw["timeouts"]["start_s"]),
+                   prefect_block=raw["prefect_block"], work_pool=str(raw.get("work_pool", "edgeqa-local")),
+                   start_timeout_s=float(raw["timeouts"]["start_s"]),
                    stop_timeout_s=float(raw["timeouts"]["stop_s"]))
 
     def with_ports(self, **ports: int) -> StackConfig:
@@ -166,7 +168,8 @@ def _bin(name: str) -> str:
 
 
 class Stack:
-    SERVICES = ("s3", "prefect")
+    # the worker runs deployments' flow runs from the process work pool: a suspended release resumes there
+    SERVICES = ("s3", "prefect", "worker")
 
     def __init__(self, cfg: StackConfig):
         self.cfg = cfg
@@ -224,6 +227,8 @@ class Stack:
         return pid if _pid_alive(pid) else None
 
     def _ports_of(self, svc: str) -> list[str]:
+        if svc == "worker":
+            return []
         return ["prefect"] if svc == "prefect" else [k for k in PORT_KEYS if k != "prefect"]
 
     def _check_ports_free(self, svc: str) -> None:
@@ -296,6 +301,20 @@ class Stack:
                 "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}
             self._write_private(self.cfg.path("s3.json"), json.dumps(s3cfg))
             cmd = self._weed_cmd()
+        elif svc == "worker":
+            # the worker's flow runs inherit this environment: INFO so their logs reach the Prefect UI
+            env.update({**self.prefect_env(), "PREFECT_LOGGING_LEVEL": "INFO", "PREFECT_WORKER_QUERY_SECONDS": "3",
+                        # a resumed run finds the results of the tasks it ran before it was suspended
+                        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+                        "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": f"s3-bucket/{self.cfg.prefect_block}",
+                        "DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false"})
+            env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+            # its flow runs load this same stack (StackConfig.load reads these); a run may override the buckets
+            env.update({"EDGEQA_STATE_DIR": str(self.cfg.state_dir),
+                        **{f"EDGEQA_{k.upper()}_PORT": str(v) for k, v in self.cfg.ports.items()},
+                        **{f"EDGEQA_{k.upper()}_BUCKET": v for k, v in self.cfg.buckets.items()}})
+            cmd = [_bin("prefect"), "worker", "start", "--pool", self.cfg.work_pool, "--type", "process",
+                   "--name", f"edgeqa-{self.cfg.ports['prefect']}"]
         else:
             self.cfg.path("prefect").mkdir(parents=True, exist_ok=True)
             db = self.cfg.path("prefect", "prefect.db")
@@ -321,11 +340,28 @@ class Stack:
                     return r.status == 200
             except (urllib.error.URLError, OSError, TimeoutError):
                 return False
+        if svc == "worker":
+            return self._worker_online()
         try:
             self.s3_client().list_buckets()
             return True
         except Exception:  # noqa: BLE001 - any failure means "not ready yet"
             return False
+
+    def _worker_online(self) -> bool:
+        """The worker has registered with the server and sent a heartbeat (status ONLINE) for our pool."""
+        import urllib.error
+        import urllib.request
+
+        req = urllib.request.Request(f"{self.cfg.prefect_api_url}/work_pools/{self.cfg.work_pool}/workers/filter",
+                                     data=b"{}", headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=3) as r:
+                workers = json.loads(r.read())
+        except (urllib.error.URLError, OSError, TimeoutError, ValueError):
+            return False
+        name = f"edgeqa-{self.cfg.ports['prefect']}"
+        return any(w.get("name") == name and w.get("status") == "ONLINE" for w in workers)
 
     def _wait(self, svc: str) -> None:
         deadline = time.monotonic() + self.cfg.start_timeout_s
@@ -352,7 +388,7 @@ class Stack:
     def up(self) -> dict[str, str]:
         """Start what is not running, wait until healthy, create buckets and the Prefect results block."""
         started = []
-        for svc in self.SERVICES:
+        for svc in ("s3", "prefect"):
             if self._pid(svc) is not None and self.healthy(svc):
                 continue
             if self._pid(svc) is not None:  # running but not (yet) healthy: wait for it
@@ -363,6 +399,10 @@ class Stack:
             started.append(svc)
         for svc in started:
             self._wait(svc)
+        if self._pid("worker") is None:  # it needs the server: it creates the process pool at its first start
+            self._start("worker")
+        if not self.healthy("worker"):
+            self._wait("worker")
         self.ensure_buckets()
         self.ensure_prefect_block()
         return self.status()

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 
 import pandas as pd
@@ -61,6 +62,26 @@ def cli(stack, prefect_api, monkeypatch):
     return run
 
 
+def _artifacts(run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+
+
+def make_releasable(repo):
+    """The tiny models fail the policy: explicit gate overrides with their reason, and qe.alice on the
+    reviewers' allow-list; then `dvc repro gate`. Not committed."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["gate"]["overrides"] = LOOSE
+    params["gate"]["override_reason"] = "tiny test models"
+    params["release"]["reviewers"] = [{"name": "qe.alice", "role": "quality engineer",
+                                       "public_key": public_pem(REVIEWER.public_key())}]
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return dvc(repo, "repro", "gate")
+
+
 def _git(repo, *args):
     return subprocess.run([*GIT, *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
 
@@ -78,13 +99,7 @@ def test_release_refused_by_the_gate_then_released_with_recorded_overrides(tiny_
         assert reg.versions() == before
 
     # explicit overrides, with their reason, as a profile would set them; only the gate stage reruns
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["gate"]["overrides"] = LOOSE
-    params["gate"]["override_reason"] = "tiny test models"
-    params["release"]["reviewers"] = [{"name": "qe.alice", "role": "quality engineer",
-                                       "public_key": public_pem(REVIEWER.public_key())}]
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    r = dvc(repo, "repro", "gate")
+    r = make_releasable(repo)
     assert "Running stage 'evaluate" not in r.stdout, "only the gate reruns for a gate override"
     assert json.loads((repo / "reports" / "gate" / "report.json").read_text())["passed"]
 
@@ -94,10 +109,10 @@ def test_release_refused_by_the_gate_then_released_with_recorded_overrides(tiny_
     _git(repo, "commit", "-qm", "the run to release")
     commit = _git(repo, "rev-parse", "HEAD")
 
-    out = cli(repo, "release", "--reason", "first tiny release")
-    version = [w for w in out.split() if w.count("-") >= 2 and w.startswith("20")][0]
-    assert "release staged" in out and "-> staging" in out and "no champion" in out
-    assert f"edgeqa approve {version}" in out
+    out = cli(repo, "release", "--reason", "first tiny release")  # runs on the worker; it waits for a reviewer
+    version = out.split("staged: ")[1].split()[0]
+    assert "champion/challenger: no champion" in out and "waits for a reviewer" in out
+    assert f"edgeqa approve {version}" in out and "edgeqa approval-token" in out
     ptr, _ = reg.pointer("staging")
     assert ptr["to"] == version and ptr["reason"] == "first tiny release"
     assert version.split("-")[1] == commit[:8]
@@ -187,9 +202,11 @@ def test_release_refused_by_the_gate_then_released_with_recorded_overrides(tiny_
     assert "is not on the allow-list release.reviewers" in cli(repo, "approve", version, "--key", str(stranger),
                                                               code=2)
     assert "not on staging" in cli(repo, "approve", "2000.01.01-deadbeef-00000000", "--key", str(rkey), code=2)
-    out = cli(repo, "approve", version, "--key", str(rkey), "--comment", "looked at the card")
-    assert f"approve {version} by qe.alice (quality engineer)" in out and f"production: (none) -> {version}" in out
+    out = cli(repo, "approve", version, "--key", str(rkey), "--comment", "looked at the card")  # resumes the run
+    assert f"released: {version}: approve by qe.alice (quality engineer)" in out
+    assert f"production: (none) -> {version}" in out
     assert "already decided" in cli(repo, "approve", version, "--key", str(rkey), code=2)
+    assert len(reg.audit("staging")) == n, "the resumed run repeated none of what it did before it waited"
     ev = reg.audit("production")[-1]
     assert ev["action"] == "approve" and ev["who"] == "qe.alice (quality engineer)"
     from edgeqa.config import load_params as _lp
@@ -197,6 +214,67 @@ def test_release_refused_by_the_gate_then_released_with_recorded_overrides(tiny_
     assert verify_decision(ev["approval"], _lp(repo / "params.yaml").release.reviewers).name == "qe.alice"
     assert ev["approval"]["decision"]["staging_seq"] == ptr["seq"], "bound to the staging event it answers"
     assert "nothing new" in cli(repo, "release"), "a candidate equal to production creates no request either"
+
+    # a second release, decided in the Prefect form with a one-time token (what the UI's Resume form sends)
+    from prefect.client.orchestration import get_client
+    from prefect.flow_runs import resume_flow_run
+
+    _git(repo, "commit", "-q", "--allow-empty", "-m", "a second release of the same run")
+    out = cli(repo, "release", "--reason", "second")
+    v2 = out.split("staged: ")[1].split()[0]
+    assert v2 != version and f"champion/challenger: the candidate holds against champion {version}" in out
+    st2, _ = reg.pointer("staging")
+    run_id = st2["flow_run_id"]
+
+    def token():
+        t = cli(repo, "approval-token", v2, "--key", str(rkey))
+        return next(line.split("token: ")[1] for line in t.splitlines() if line.startswith("token: "))
+
+    def resume(**given):
+        resume_flow_run(run_id, run_input={"decision": "approve", "reviewer": "qe.alice", **given})
+        with get_client(sync_client=True) as client:
+            for _ in range(240):
+                time.sleep(1)
+                fr = client.read_flow_run(run_id)
+                if fr.state.is_paused() or fr.state.is_final():
+                    return fr
+        raise AssertionError(f"run {run_id} still {fr.state.name}")
+
+    t1 = token()
+    fr = resume(token=t1 + "-guessed", comment="a wrong token")
+    assert fr.state.is_paused(), "a wrong token is refused and the run waits again"
+    refusals = reg.s3.list_objects_v2(Bucket=reg.bucket, Prefix=f"refusals/{v2}/").get("Contents", [])
+    assert len(refusals) == 1
+    kept = json.loads(reg.s3.get_object(Bucket=reg.bucket, Key=refusals[0]["Key"])["Body"].read())
+    assert "is wrong" in kept["why"] and "token" not in kept["input"], "the refusal is kept, the typed token is not"
+    fr = resume(token=t1, comment="the right token, burnt by the guess")
+    assert fr.state.is_paused(), "a token works once: the wrong guess consumed it"
+    fr = resume(token=token(), comment="numbers match the card")
+    assert fr.state.is_completed()
+    res = fr.state.result()
+    assert res["outcome"] == "released" and res["decision"]["reviewer"] == "qe.alice"
+    ev = reg.audit("production")[-1]
+    assert (ev["from"], ev["to"], ev["action"]) == (version, v2, "approve")
+    assert ev["approval"]["decision"]["via"] == "prefect-ui-token" and ev["reason"] == "numbers match the card"
+    assert verify_decision(ev["approval"], _lp(repo / "params.yaml").release.reviewers).name == "qe.alice"
+    assert "release-decision" in {a.key for a in _artifacts(run_id)}
+
+    # rollback: production is the first bundle again, byte for byte, and a device answers as it did
+    prod_url = f"s3://{reg.bucket}/production"
+    r = edge("--bundle", prod_url, str(image), "--trust", str(trust))
+    assert json.loads(r.stdout.splitlines()[0])["bundle"] == v2
+    out = cli(repo, "rollback", "--reason", "test")
+    assert f"{v2} -> {version}" in out
+    back = reg.download(version, tmp_path / "back")
+    for name in m["files"]:
+        assert (back / name).read_bytes() == (dl / name).read_bytes(), name
+    from_s3 = edge("--bundle", prod_url, str(image), "--trust", str(trust))
+    local = edge("--bundle", str(dl), str(image), "--trust", str(trust))
+    assert from_s3.returncode == local.returncode == 0, from_s3.stderr + local.stderr
+    a, b = json.loads(from_s3.stdout.splitlines()[0]), json.loads(local.stdout.splitlines()[0])
+    assert a["bundle"] == version
+    same_keys = set(a) - {"latency_ms", "bundle"}
+    assert {k: a[k] for k in same_keys} == {k: b[k] for k in same_keys}, "the same answer as the old bundle's"
     p = load_params(repo / "params.yaml")
     rel = stack.cfg.path("releases", version)
     args = (repo / p.paths.ingest_dir / "manifest.parquet", p.evaluate.split,

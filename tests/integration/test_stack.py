@@ -35,7 +35,7 @@ def test_up_is_idempotent_and_status_is_healthy(stack):
     stack.up()
     assert stack.pids() == pids
     st = stack.status()
-    assert st["s3"] == "healthy" and st["prefect"] == "healthy"
+    assert st["s3"] == "healthy" and st["prefect"] == "healthy" and st["worker"] == "healthy"
 
 
 def test_buckets_and_s3_round_trip(stack):

@@ -73,3 +73,60 @@ def test_the_allow_list_in_params_takes_only_ed25519_pem_keys_once_each():
     pasted = yaml.safe_load("release:\n  reviewers:\n" + reviewer_entry("alice", "quality engineer", pem))
     raw["release"]["reviewers"] = pasted["release"]["reviewers"]
     assert parse_params(raw).release.reviewers[0].role == "quality engineer"
+
+
+# ------------------------------------------------------------------------ the deadline and one-time UI tokens
+def _staging(**kw):
+    import datetime as dt
+
+    end = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    return {**STAGING, "approval_deadline": end.isoformat(timespec="seconds"), **kw}
+
+
+def test_a_request_past_its_deadline_takes_no_decision_and_no_token():
+    from edgeqa.release.approval import RequestClosed, _check_open, issue_token
+
+    late = _staging(approval_deadline="2020-01-01T00:00:00+00:00")
+    with pytest.raises(RequestClosed, match="expired at 2020-01-01T00:00:00.*a timeout counts as a rejection"):
+        _check_open("v1", late)
+    with pytest.raises(ApprovalError, match="expired"):
+        issue_token(ALICE, _reviewers(), "v1", late)
+    with pytest.raises(ApprovalError, match="v2 is not on staging \\(staging holds v1\\)"):
+        _check_open("v2", _staging())
+    assert _check_open("v1", _staging())["seq"] == 4
+
+
+def test_a_token_works_for_its_reviewer_version_and_request_only():
+    from edgeqa.release.approval import issue_token, ui_record, verify_token
+
+    st = _staging()
+    token, grant = issue_token(ALICE, _reviewers(), "v1", st)
+    assert token not in str(grant) and len(token) >= 32, "only the token's hash is kept"
+    assert grant["grant"]["reviewer"] == "alice" and grant["grant"]["expires"] == st["approval_deadline"]
+    assert verify_token(grant, token, _reviewers(), "v1", "alice", st).name == "alice"
+    with pytest.raises(ApprovalError, match="typed for alice on v1 is wrong"):
+        verify_token(grant, token + "x", _reviewers(), "v1", "alice", st)
+    with pytest.raises(ApprovalError, match="grant is for alice on v1, not bob on v1"):
+        verify_token(grant, token, _reviewers(), "v1", "bob", st)
+    with pytest.raises(ApprovalError, match="issued for staging event 4, but staging is at event 5"):
+        verify_token(grant, token, _reviewers(), "v1", "alice", _staging(seq=5))
+    with pytest.raises(ApprovalError, match="no unused token for alice on v1"):
+        verify_token(None, token, _reviewers(), "v1", "alice", st)
+    forged = {**grant, "grant": {**grant["grant"], "token_sha256": "0" * 64}}  # a grant rewritten in Prefect
+    with pytest.raises(ApprovalError, match="altered after signing"):
+        verify_token(forged, token, _reviewers(), "v1", "alice", st)
+    rec = ui_record(grant, "approve", "looks right")
+    assert rec["decision"]["via"] == "prefect-ui-token" and verify_decision(rec, _reviewers()).name == "alice"
+    rec["decision"]["version"] = "v2"  # a UI decision cannot be moved to another version than its grant's
+    with pytest.raises(ApprovalError, match="does not match the token grant of alice"):
+        verify_decision(rec, _reviewers())
+
+
+def test_a_token_grant_signed_by_a_stranger_is_refused():
+    from edgeqa.release.approval import issue_token, verify_token
+
+    with pytest.raises(ApprovalError, match="not on the allow-list"):
+        issue_token(Ed25519PrivateKey.generate(), _reviewers(), "v1", _staging())
+    token, grant = issue_token(BOB, _reviewers(), "v1", _staging())
+    with pytest.raises(ApprovalError, match="not on the allow-list"):
+        verify_token(grant, token, _reviewers()[:1], "v1", "bob", _staging())  # bob removed since

@@ -534,6 +534,8 @@ class ReleaseConfig(_Section):
     threads: int = Field(ge=1, le=64)  # onnxruntime intra-op threads while both bundles answer
     max_reason_tokens: int = Field(ge=1, le=256)
     reviewers: list[Reviewer] = Field(default_factory=list)  # who may move production, by signed decision
+    # the wait for a reviewer; a request older than this is refused: a timeout counts as a rejection
+    approval_timeout_s: int = Field(default=604800, ge=60, le=90 * 86400)
 
     @model_validator(mode="after")
     def _unique(self) -> ReleaseConfig:

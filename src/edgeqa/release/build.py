@@ -49,7 +49,9 @@ def _git(root: Path, *args: str) -> str:
 def source_state(root: Path, commit: str = "HEAD") -> dict[str, str]:
     """The commit the working tree equals (tracked files), or a ReleaseError naming what differs."""
     sha = _git(root, "rev-parse", "--verify", f"{commit}^{{commit}}")
-    changed = [f for f in _git(root, "diff", "--name-only", sha, "--").splitlines() if f]
+    # `dvc exp save` commits DVC's own run record (.dvc/tmp/repro.dat) and then removes it: not the project
+    changed = [f for f in _git(root, "diff", "--name-only", sha, "--").splitlines()
+               if f and not f.startswith(".dvc/tmp/")]
     if changed:
         shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
         raise ReleaseError(

@@ -20,6 +20,7 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -84,6 +85,19 @@ def load_or_create(path: Path | None = None, what: str = "release signing key") 
         raise StageError(f"{path}: permissions {mode:04o} are too open for a signing key; it must be readable by "
                          f"its owner only (chmod 600 {path})")
     return _parse(path.read_bytes(), str(path)), str(path)
+
+
+def from_secret(name: str) -> tuple[Ed25519PrivateKey, str]:
+    """The signing key kept (PEM) in the Prefect Secret block `name`: how a worker gets it without a file."""
+    from prefect.blocks.system import Secret
+
+    try:
+        block: Any = Secret.load(name)
+        pem = str(block.get())
+    except ValueError:
+        raise StageError(f"no Prefect Secret block {name!r} with the signing key; `edgeqa release` stores "
+                         f"${ENV_KEY} there, or pass --key-file") from None
+    return _parse(pem.encode(), f"Prefect Secret {name}"), f"Prefect Secret {name}"
 
 
 def sign_copy(bundle: Path, dest: Path, key: Ed25519PrivateKey) -> dict[str, str]:
