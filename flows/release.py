@@ -157,7 +157,27 @@ def publish_and_stage(repo: str, built: dict[str, Any], reason: str, run_id: str
     ev = reg.promote(built["version"], "staging", reason=reason, gate_report_sha256=built["gate_report_sha256"],
                      extra={"approval_deadline": end.isoformat(timespec="seconds"), "flow_run_id": run_id,
                             "challenger": built.get("challenger_summary")})
+    if current is not None and current.get("flow_run_id") not in (None, run_id):
+        _close_superseded(current["flow_run_id"], current["to"], built["version"])
     return {"created": pub["created"], "event": ev}
+
+
+def _close_superseded(run_id: str, old: str, new: str) -> None:
+    """The run that waits for a decision on the version staging held before: cancelled, since that request is
+    closed (the registry would refuse its decision anyway)."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled
+
+    with get_client(sync_client=True) as client:
+        try:
+            fr = client.read_flow_run(uuid.UUID(run_id))
+        except Exception:  # noqa: BLE001 - a run this server no longer knows waits for nothing
+            return
+        if fr.state is not None and fr.state.is_paused():
+            client.set_flow_run_state(fr.id, Cancelled(message=f"superseded: {new} replaced {old} on staging"),
+                                      force=True)
+            get_run_logger().info("cancelled the waiting release run %s: %s replaced %s on staging", run_id, new,
+                                  old)
 
 
 def _grant(version: str, reviewer: str, consume: bool) -> dict[str, Any] | None:

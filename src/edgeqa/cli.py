@@ -393,6 +393,10 @@ def releases_show(version: str) -> None:
     m["aliases"] = sorted(a for a, to in _aliases(reg).items() if to == version)
     m["files"] = {name: e["sha256"][:16] for name, e in files.items()}
     m["bytes"] = sum(e["bytes"] for e in files.values())
+    m["decisions"] = [{k: r["decision"].get(k) for k in ("decision", "reviewer", "role", "when", "comment", "via")}
+                      for r in _registry_call(reg.records, "decisions", version)]
+    m["refused_decisions"] = [{"key": r["key"], "reviewer": r["input"].get("reviewer"), "why": r["why"]}
+                              for r in _registry_call(reg.records, "refusals", version)]
     print(json.dumps(m, indent=1, sort_keys=True))
 
 

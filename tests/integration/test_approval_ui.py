@@ -65,10 +65,17 @@ def test_a_reviewer_approves_in_the_prefect_ui_form(tiny_repo, stack, cli, tmp_p
     make_releasable(repo)
     _git(repo, "add", "-A")
     _git(repo, "commit", "-qm", "the run to release")
+    out = cli(repo, "release", "--reason", "replaced before anyone decides")
+    first = reg.pointer("staging")[0]
+    _git(repo, "commit", "-q", "--allow-empty", "-m", "a later commit of the same run")
     out = cli(repo, "release", "--reason", "for the form")
     version = out.split("staged: ")[1].split()[0]
     staging, _ = reg.pointer("staging")
     run_id = staging["flow_run_id"]
+    assert version != first["to"] and run_id != first["flow_run_id"]
+    with get_client(sync_client=True) as client:  # the request it replaced is closed: its run is cancelled
+        old = client.read_flow_run(first["flow_run_id"])
+    assert old.state.is_cancelled() and f"{version} replaced {first['to']}" in old.state.message
 
     rkey = tmp_path / "alice.pem"
     rkey.write_bytes(REVIEWER.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,

@@ -258,6 +258,11 @@ def test_release_refused_by_the_gate_then_released_with_recorded_overrides(tiny_
     assert ev["approval"]["decision"]["via"] == "prefect-ui-token" and ev["reason"] == "numbers match the card"
     assert verify_decision(ev["approval"], _lp(repo / "params.yaml").release.reviewers).name == "qe.alice"
     assert "release-decision" in {a.key for a in _artifacts(run_id)}
+    shown = json.JSONDecoder().raw_decode(cli(repo, "releases", "show", v2))[0]  # stdout first
+    assert [(d["decision"], d["reviewer"], d["via"]) for d in shown["decisions"]] == [
+        ("approve", "qe.alice", "prefect-ui-token")]
+    assert len(shown["refused_decisions"]) == 2 and all(r["reviewer"] == "qe.alice"
+                                                         for r in shown["refused_decisions"])
 
     # rollback: production is the first bundle again, byte for byte, and a device answers as it did
     prod_url = f"s3://{reg.bucket}/production"

@@ -153,6 +153,20 @@ class Registry:
                     events.append(json.loads(got[0]))
         return sorted(events, key=lambda e: e["seq"])
 
+    def records(self, kind: str, version: str) -> list[dict[str, Any]]:
+        """The records kept once per version under `decisions/` (signed decisions) or `refusals/` (decisions
+        the release flow refused), in key order."""
+        if kind not in ("decisions", "refusals"):
+            raise RegistryError(f"records {kind!r}: allowed are decisions, refusals")
+        out = []
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                      Prefix=f"{kind}/{version}/"):
+            for obj in page.get("Contents", []):
+                got = self._get(obj["Key"])
+                if got is not None:
+                    out.append({"key": obj["Key"], **json.loads(got[0])})
+        return out
+
     def _write_audit(self, event: dict[str, Any]) -> None:
         key = f"audit/{event['alias']}/{event['seq']:08d}.json"
         try:
