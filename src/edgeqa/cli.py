@@ -694,10 +694,10 @@ def exp_save(root: Path) -> str:
     import subprocess
     import sys
 
-    def exps() -> dict[str, tuple[str, str]]:  # ref name -> (commit, tree)
-        out = subprocess.run(["git", "for-each-ref", "--format=%(refname) %(objectname) %(tree)", "refs/exps/"],
+    def exps() -> dict[str, str]:  # ref name -> commit
+        out = subprocess.run(["git", "for-each-ref", "--format=%(refname) %(objectname)", "refs/exps/"],
                              cwd=root, capture_output=True, text=True, check=True).stdout
-        return {ln.split()[0]: (ln.split()[1], ln.split()[2]) for ln in out.splitlines() if ln.strip()}
+        return dict(ln.split()[:2] for ln in out.splitlines() if ln.strip())
 
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     for k, v in (("GIT_AUTHOR_NAME", "edgeqa run"), ("GIT_AUTHOR_EMAIL", "edgeqa@localhost"),
@@ -712,8 +712,8 @@ def exp_save(root: Path) -> str:
     new = {ref: ct for ref, ct in exps().items() if ref.endswith(f"/{name}")}
     if not new:
         _fail(f"dvc exp save made no ref for experiment {name} in {root}")
-    sha = next(iter(new.values()))[0]
-    for old, _ in sorted(set(before.values())):  # this run saved already (DVC's own .dvc/tmp aside): reuse it
+    sha = next(iter(new.values()))
+    for old in sorted(set(before.values())):  # this run saved already (DVC's own .dvc/tmp aside): reuse it
         if subprocess.run(["git", "diff", "--quiet", old, sha, "--", ".", ":(exclude).dvc/tmp"], cwd=root,
                           capture_output=True).returncode == 0:
             subprocess.run([sys.executable, "-m", "dvc", "exp", "remove", name], cwd=root, env=env,
