@@ -40,6 +40,7 @@ from prefect.runtime import flow_run
 from pydantic import Field
 
 from edgeqa.config import load_params
+from edgeqa.notify import notify
 from edgeqa.release.registry import Registry
 from edgeqa.stack import Stack, StackConfig
 
@@ -255,7 +256,7 @@ def _finish(outcome: dict[str, Any]) -> dict[str, Any]:
     return outcome
 
 
-@flow(name="edgeqa-release", log_prints=True)
+@flow(name="edgeqa-release", log_prints=True, on_completion=[notify], on_failure=[notify], on_crashed=[notify])
 def release(repo: str = ".", commit: str = "HEAD", reason: str = "", key_file: str | None = None,
             key_secret: str | None = None) -> dict[str, Any]:
     """Gate -> release bundle -> champion/challenger -> publish -> staging -> a reviewer -> production.

@@ -29,6 +29,9 @@ app.add_typer(keys_app, name="keys")
 releases_app = typer.Typer(help="The release registry on S3: published versions, the staging and production "
                                 "aliases, and their audit log.", no_args_is_help=True)
 app.add_typer(releases_app, name="releases")
+notify_app = typer.Typer(help="Notifications when a pipeline or release run completes or fails (a Prefect "
+                              "notification block, ops.notify_block).", no_args_is_help=True)
+app.add_typer(notify_app, name="notify")
 console = Console()
 _state: dict[str, Path | None] = {"project": None}
 
@@ -86,6 +89,7 @@ def up() -> None:
     except StackError as exc:
         _fail(str(exc))
     deploy_release(stack, project_root())
+    deploy_nightly(stack, project_root())
     _print_status(status)
 
 
@@ -604,6 +608,53 @@ def deploy_release(stack: Stack, root: Path) -> None:
     load_project_module(root, "flows.release").deploy(root, stack.cfg.work_pool)
 
 
+def deploy_nightly(stack: Stack, root: Path) -> None:
+    """Apply `edgeqa-pipeline/nightly` with the schedule in ops.nightly (params.yaml)."""
+    from edgeqa.config import ParamsError, load_params
+
+    try:
+        nightly = load_params(root / "params.yaml").ops.nightly
+    except ParamsError as exc:
+        _fail(str(exc))
+        raise
+    use_stack_env(stack)
+    load_project_module(root, "flows.pipeline").deploy_nightly(root, stack.cfg.work_pool, nightly)
+    state = "paused (ops.nightly.active: false)" if not nightly.active else "active"
+    console.print(f"deployment edgeqa-pipeline/nightly: cron '{nightly.cron}' ({nightly.timezone}), {state}",
+                  highlight=False)
+
+
+@app.command()
+def nightly(wait: Annotated[bool, typer.Option(help="follow the run until it ends")] = True,
+            timeout: Annotated[float, typer.Option(help="give up following after this many seconds")] = 6 * 3600
+            ) -> None:
+    """Start the `edgeqa-pipeline/nightly` deployment now, as its schedule would: on the local worker, in its
+    own checkout of ops.nightly.ref, then the release. Exit 0 when the run completes, 1 when it fails."""
+    root = project_root()
+    stack = _stack()
+    try:
+        stack.up()
+    except StackError as exc:
+        _fail(str(exc))
+    deploy_nightly(stack, root)
+    from prefect.deployments import run_deployment
+
+    fr: Any = run_deployment("edgeqa-pipeline/nightly", timeout=0)
+    url = f"{stack.cfg.prefect_ui_url}/runs/flow-run/{fr.id}"
+    console.print(f"nightly run {fr.name} on the worker: {url}", highlight=False)
+    if not wait:
+        return
+    fr = _wait_run(fr.id, stop_when_paused=False, timeout_s=timeout)
+    if not fr.state.is_completed():
+        console.print(f"[red]nightly run {fr.state.name}[/red]: {fr.state.message}", highlight=False)
+        raise typer.Exit(1)
+    res = _run_result(fr)
+    rel = res.get("release") or {}
+    console.print(f"[green]nightly run {fr.name} completed[/green]: stages that ran: {', '.join(res['ran']) or 'none'}"
+                  f"; experiment {(res.get('experiment') or {}).get('name')}; release: {rel.get('outcome', '-')} "
+                  f"{rel.get('summary', '')}", highlight=False)
+
+
 def _start_release(stack: Stack, root: Path, commit: str, reason: str, key_file: Path | None, wait: bool
                    ) -> tuple[Any, str]:
     """Apply the deployment, start a release run on the worker, and follow it until it waits for a reviewer
@@ -686,40 +737,70 @@ def release(commit: Annotated[str, typer.Option(help="the commit the working tre
         raise typer.Exit(code)
 
 
+def _notify_ref() -> str:
+    from edgeqa.config import ParamsError, load_params
+
+    try:
+        return load_params(project_root() / "params.yaml").ops.notify_block
+    except ParamsError as exc:
+        _fail(str(exc))
+        raise
+
+
+@notify_app.command("set-webhook")
+def notify_set_webhook(url: Annotated[str, typer.Argument(help="where to POST: JSON {subject, body}")]) -> None:
+    """Save the webhook that the flows' completion and failure hooks call, as the Prefect block
+    ops.notify_block (a custom-webhook block; the URL is kept as the block's secret, never in params)."""
+    from urllib.parse import urlparse
+
+    ref = _notify_ref()
+    kind, name = ref.split("/", 1)
+    if kind != "custom-webhook":
+        _fail(f"ops.notify_block is {ref!r}: set-webhook saves a custom-webhook block; save a {kind} block in the "
+              "Prefect UI (Blocks) under that name instead")
+    if urlparse(url).scheme not in ("http", "https") or not urlparse(url).netloc:
+        _fail("the webhook is an http:// or https:// URL")
+    stack = _stack()
+    use_stack_env(stack)
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    from prefect.types import SecretDict
+
+    CustomWebhookNotificationBlock(name="edgeqa", url="{{url}}", method="POST", secrets=SecretDict({"url": url}),
+                                   json_data={"subject": "{{subject}}", "body": "{{body}}"}, headers=None,
+                                   cookies=None).save(name, overwrite=True)
+    console.print(f"saved the webhook as block {ref} (the URL is its secret)", highlight=False)
+
+
+@notify_app.command("test")
+def notify_test() -> None:
+    """Send a test message through ops.notify_block."""
+    stack = _stack()
+    use_stack_env(stack)
+    from prefect.blocks.core import Block
+
+    ref = _notify_ref()
+    try:
+        block: Any = Block.load(ref)
+    except (ValueError, KeyError):
+        _fail(f"no block {ref} on the Prefect server; `edgeqa notify set-webhook URL` saves one")
+        raise
+    try:
+        block.notify(body="edgeqa: a test message", subject="edgeqa: test")
+    except Exception as exc:  # noqa: BLE001 - say what failed, never the URL
+        _fail(f"the notification through {ref} failed: {type(exc).__name__}")
+    console.print(f"sent a test message through {ref}", highlight=False)
+
+
 def exp_save(root: Path) -> str:
-    """`dvc exp save` of the workspace as run (params.yaml, dvc.lock, code): the commit a release names. An
-    experiment with the same tree saved before is reused, so the same run is the same release version. Git
-    needs an identity to commit; where none is configured, the run's own is used."""
-    import datetime as dt
-    import subprocess
-    import sys
+    """`dvc exp save` of the workspace as run: the commit a release names (edgeqa.runs.exp_save)."""
+    from edgeqa.errors import StageError
+    from edgeqa.runs import exp_save as save
 
-    def exps() -> dict[str, str]:  # ref name -> commit
-        out = subprocess.run(["git", "for-each-ref", "--format=%(refname) %(objectname)", "refs/exps/"],
-                             cwd=root, capture_output=True, text=True, check=True).stdout
-        return dict(ln.split()[:2] for ln in out.splitlines() if ln.strip())
-
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    for k, v in (("GIT_AUTHOR_NAME", "edgeqa run"), ("GIT_AUTHOR_EMAIL", "edgeqa@localhost"),
-                 ("GIT_COMMITTER_NAME", "edgeqa run"), ("GIT_COMMITTER_EMAIL", "edgeqa@localhost")):
-        env.setdefault(k, v)
-    before = exps()
-    name = f"run-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
-    r = subprocess.run([sys.executable, "-m", "dvc", "exp", "save", "-n", name, "-m", "edgeqa run, as released"],
-                       cwd=root, env=env, capture_output=True, text=True)
-    if r.returncode != 0:
-        _fail(f"dvc exp save in {root} failed: {(r.stderr or r.stdout).strip()[-1500:]}")
-    new = {ref: ct for ref, ct in exps().items() if ref.endswith(f"/{name}")}
-    if not new:
-        _fail(f"dvc exp save made no ref for experiment {name} in {root}")
-    sha = next(iter(new.values()))
-    for old in sorted(set(before.values())):  # this run saved already (DVC's own .dvc/tmp aside): reuse it
-        if subprocess.run(["git", "diff", "--quiet", old, sha, "--", ".", ":(exclude).dvc/tmp"], cwd=root,
-                          capture_output=True).returncode == 0:
-            subprocess.run([sys.executable, "-m", "dvc", "exp", "remove", name], cwd=root, env=env,
-                           capture_output=True)
-            return old
-    return sha
+    try:
+        return save(root)[1]
+    except StageError as exc:
+        _fail(str(exc))
+        raise
 
 
 if __name__ == "__main__":

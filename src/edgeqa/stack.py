@@ -307,7 +307,8 @@ class Stack:
                         # a resumed run finds the results of the tasks it ran before it was suspended
                         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
                         "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": f"s3-bucket/{self.cfg.prefect_block}",
-                        "DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false"})
+                        "DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false",
+                        "HF_HUB_OFFLINE": "1"})  # its runs' stages never download weights
             env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
             # its flow runs load this same stack (StackConfig.load reads these); a run may override the buckets
             env.update({"EDGEQA_STATE_DIR": str(self.cfg.state_dir),

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 
 from edgeqa.release.registry import Registry
 
-from .test_release import REVIEWER, _git, cli, make_releasable  # noqa: F401 - cli is a fixture
+from .test_release import REVIEWER, _git, make_releasable
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.browser]
@@ -56,7 +56,7 @@ def _fill_form(url: str, reviewer: str, token: str, comment: str, shot: Path) ->
             ctx.close()
 
 
-def test_a_reviewer_approves_in_the_prefect_ui_form(tiny_repo, stack, cli, tmp_path):  # noqa: F811
+def test_a_reviewer_approves_in_the_prefect_ui_form(tiny_repo, stack, cli, tmp_path):
     from prefect.client.orchestration import get_client
 
     repo = tmp_path / "repo"

@@ -50,12 +50,19 @@ def test_flow_run_task_runs_and_artifacts_via_the_api(flow_run, prefect_api):
             return fr, trs, arts
 
     fr, trs, arts = asyncio.run(read())
-    assert fr.state.is_completed() and fr.name
+    from edgeqa.runs import data_fingerprint, short_head
+
+    repo = flow_run["repo"]  # named profile-data-commit: the tiny profile its params hold, the manifest's hash
+    assert fr.state.is_completed() and fr.name == f"tiny-data-{data_fingerprint(repo)}-{short_head(repo)}"
     names = sorted(t.name for t in trs)
-    assert [n for n in names if not n.startswith("dvc-push")] == sorted(STAGES)
-    assert any(n.startswith("dvc-push") for n in names)
+    assert [n for n in names if not n.startswith(("dvc-push", "links"))] == sorted(STAGES)
+    assert any(n.startswith("dvc-push") for n in names) and any(n.startswith("links") for n in names)
     assert all(t.state.is_completed() for t in trs)
     keys = {a.key for a in arts}
+    assert {"pipeline-stage-times", "gx-data-docs", "dvc-remote"} <= keys
+    times = json.loads(next(a for a in arts if a.key == "pipeline-stage-times").data)
+    assert {r["stage"] for r in times} == set(STAGES) and all(r["ran"] is True for r in times), \
+        "a first run on a fresh copy runs every stage's command"
     for stage in STAGES:
         key = stage.replace("_", "-").replace("@", "-")  # artifact keys: lowercase letters, digits and dashes
         assert f"{key}-report" in keys and f"{key}-metrics" in keys

@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
 
 import pandas as pd
 import pytest
@@ -26,40 +25,14 @@ from edgeqa_runtime.files import sha256_file
 from edgeqa_runtime.trust import key_id, public_pem, verify_trusted
 
 from ..conftest import dvc
+from .conftest import KEY
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 GIT = ["git", "-c", "user.email=test@example.invalid", "-c", "user.name=release-test"]
-KEY = Ed25519PrivateKey.generate()
 REVIEWER = Ed25519PrivateKey.generate()
 LOOSE = {"min_auroc": 0.0, "min_type_accuracy": 0.0, "min_parse_rate": 0.0, "max_miss_rate": 1.0,
          "max_overkill_rate": 1.0, "max_bundle_mb": 1000.0, "max_auroc_drop_vs_teacher": 1.0,
          "max_auroc_drop_vs_baseline": 1.0, "max_type_accuracy_drop_vs_baseline": 1.0}
-
-
-@pytest.fixture
-def cli(stack, prefect_api, monkeypatch):
-    """`edgeqa` as a user runs it: a process of its own, pointed at the session's stack and Prefect server."""
-    from edgeqa.stack import PORT_KEYS
-
-    monkeypatch.setenv("EDGEQA_STATE_DIR", str(stack.cfg.state_dir))
-    for k in PORT_KEYS:
-        monkeypatch.setenv(f"EDGEQA_{k.upper()}_PORT", str(stack.cfg.ports[k]))
-    pem = KEY.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption()).decode()
-    monkeypatch.setenv("EDGEQA_SIGNING_KEY", pem)
-    bucket = f"rel-{uuid.uuid4().hex[:8]}"  # this test's own registry: no champion until it promotes one
-    stack.s3_client().create_bucket(Bucket=bucket)
-    monkeypatch.setenv("EDGEQA_RELEASES_BUCKET", bucket)
-    monkeypatch.setenv("COLUMNS", "250")
-
-    def run(repo, *args, code=0):
-        r = subprocess.run([sys.executable, "-m", "edgeqa.cli", "--project", str(repo), *args],
-                           capture_output=True, text=True, env=os.environ, timeout=600)
-        out = r.stdout + r.stderr
-        assert r.returncode == code, f"edgeqa {' '.join(args)} -> {r.returncode}:\n{out[-4000:]}"
-        return out
-
-    return run
 
 
 def _artifacts(run_id):

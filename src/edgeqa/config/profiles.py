@@ -41,15 +41,20 @@ def load_profile(name: str, root: Path = Path()) -> dict[str, Any]:
             data[key] = resolve(data[key])
         except KeyError as exc:
             raise ParamsError(f"{path}: {key}: {exc.args[0]}") from None
-        if not isinstance(key, str) or "." not in key:
-            raise ParamsError(f"{path}: {key!r}: keys are dotted params names like 'synth.seed'")
-        if key.split(".")[0] == "paths":
-            raise ParamsError(f"{path}: {key}: a profile may not set paths.*; paths belong to dvc.yaml/params.yaml")
-        if key.startswith("gate.rules"):
-            rule = key.split(".")[2] if key.count(".") >= 2 else "<rule>"
-            raise ParamsError(f"{path}: {key}: the release policy is the same in every profile; set an explicit "
-                              f"exception instead: gate.overrides.{rule} and gate.override_reason")
+        check_key(key, str(path))
     return data
+
+
+def check_key(key: Any, where: str) -> None:
+    """The keys a profile or a run's overrides may set: dotted params names, never paths.* or gate.rules.*."""
+    if not isinstance(key, str) or "." not in key:
+        raise ParamsError(f"{where}: {key!r}: keys are dotted params names like 'synth.seed'")
+    if key.split(".")[0] == "paths":
+        raise ParamsError(f"{where}: {key}: a profile may not set paths.*; paths belong to dvc.yaml/params.yaml")
+    if key.startswith("gate.rules"):
+        rule = key.split(".")[2] if key.count(".") >= 2 else "<rule>"
+        raise ParamsError(f"{where}: {key}: the release policy is the same in every profile; set an explicit "
+                          f"exception instead: gate.overrides.{rule} and gate.override_reason")
 
 
 def to_override(key: str, value: Any) -> str:
@@ -87,9 +92,32 @@ def apply(name: str, params_file: Path = Path("params.yaml"), root: Path = Path(
 
     On a validation failure params_file is restored, so nothing is left half-applied.
     """
+    return _write(changed_keys(name, params_file, root), params_file)
+
+
+def set_keys(overrides: dict[str, Any], params_file: Path, where: str = "overrides") -> dict[str, tuple[Any, Any]]:
+    """Write dotted-key values into params_file as `dvc exp run -S key=value` does (a run's parameters, e.g. a
+    scheduled run's `overrides`), under the same rules as a profile; `where` names their origin in errors."""
+    current = yaml.safe_load(params_file.read_text())
+    changes = {}
+    for k, v in overrides.items():
+        check_key(k, where)
+        try:
+            cur = get_dotted(current, k)
+        except KeyError:
+            raise ParamsError(f"{where}: {k}: no such key in {params_file}") from None
+        try:
+            new = resolve(v)
+        except KeyError as exc:
+            raise ParamsError(f"{where}: {k}: {exc.args[0]}") from None
+        if cur != new:
+            changes[k] = (cur, new)
+    return _write(changes, params_file)
+
+
+def _write(changes: dict[str, tuple[Any, Any]], params_file: Path) -> dict[str, tuple[Any, Any]]:
     from dvc.utils.hydra import apply_overrides
 
-    changes = changed_keys(name, params_file, root)
     if not changes:
         return {}
     before = params_file.read_bytes()

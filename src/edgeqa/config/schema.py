@@ -548,6 +548,52 @@ class ReleaseConfig(_Section):
         return self
 
 
+class NightlyConfig(_Section):
+    """The `edgeqa-pipeline/nightly` deployment (`edgeqa up` applies it): when, and what it runs."""
+    cron: str = "0 2 * * *"  # five fields, as cron
+    timezone: str = "UTC"  # an IANA name: the schedule follows its daylight saving
+    active: bool = True  # False: the deployment exists, its schedule is paused
+    ref: str = "HEAD"  # the commit of the project the run checks out (a branch, tag or sha)
+    profile: str | None = None  # written into the checkout's params.yaml, as `edgeqa profile apply`
+    overrides: dict[str, Any] = Field(default_factory=dict)  # dotted key -> value, as `dvc exp run -S`
+    release: bool = True  # then release the run's experiment commit through the gate
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        import datetime as dt
+
+        from cronsim import CronSim, CronSimError  # the parser Prefect's own cron schedules use
+
+        try:
+            CronSim(v, dt.datetime(2026, 1, 1))
+        except CronSimError as exc:
+            raise ValueError(f"{v!r} is not a cron expression ({exc}); five fields: minute hour day month "
+                             "weekday, e.g. '0 2 * * *'") from None
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(v)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{v!r} is not an IANA time zone (e.g. UTC, Europe/Berlin)") from None
+        return v
+
+
+class OpsConfig(_Section):
+    """Scheduled runs and the one-pipeline-at-a-time rule (never read by a stage)."""
+    nightly: NightlyConfig = Field(default_factory=NightlyConfig)
+    # a second pipeline run waits this long for the `edgeqa-pipeline` concurrency slot, then fails naming it
+    lock_wait_s: int = Field(default=6 * 3600, ge=0, le=7 * 86400)
+    # the Prefect notification block (`<block type slug>/<name>`) the flows' completion and failure hooks use,
+    # if it exists; the webhook URL lives in the block (a secret), never here
+    notify_block: str = Field(default="custom-webhook/edgeqa-notify", pattern=r"^[a-z0-9-]+/[A-Za-z0-9_.-]+$")
+
+
 class Params(_Section):
     paths: PathsConfig
     base_lm: BaseLMConfig
@@ -564,6 +610,7 @@ class Params(_Section):
     quantize: QuantizeConfig
     gate: GateConfig
     release: ReleaseConfig
+    ops: OpsConfig = Field(default_factory=OpsConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:
