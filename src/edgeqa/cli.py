@@ -32,6 +32,9 @@ app.add_typer(releases_app, name="releases")
 notify_app = typer.Typer(help="Notifications when a pipeline or release run completes or fails (a Prefect "
                               "notification block, ops.notify_block).", no_args_is_help=True)
 app.add_typer(notify_app, name="notify")
+feedback_app = typer.Typer(help="What the line saw, back to S3: prediction logs under feedback/ in the releases "
+                                "bucket.", no_args_is_help=True)
+app.add_typer(feedback_app, name="feedback")
 console = Console()
 _state: dict[str, Path | None] = {"project": None}
 
@@ -249,7 +252,9 @@ def predict(
         trust: Annotated[Path | None, typer.Option(help="trusted public keys (PEM); default: "
                                                    "$EDGEQA_TRUSTED_KEYS_FILE, then $EDGEQA_TRUSTED_KEYS")] = None,
         require_signature: Annotated[bool, typer.Option(help="refuse when no trusted keys are configured")]
-        = False) -> None:
+        = False,
+        log: Annotated[Path | None, typer.Option(help="also append each answer to this prediction log, for "
+                                                 "`edgeqa feedback push`")] = None) -> None:
     """Answer an image or every image in a folder with an edge bundle, as `edgeqa-edge predict` on a device
     (the same function): one JSON line per image; an unreadable image gets its own line with `error`. An s3://
     bundle uses boto3's settings (AWS_*), else the project's local SeaweedFS.
@@ -262,7 +267,7 @@ def predict(
         os.environ.update(_stack().s3_env())  # no S3 settings of its own: the project's local store
     try:
         code = edge_predict(bundle, target, out, threads, max_reason_tokens, progress, trust=trust,
-                            require_signature=require_signature)
+                            require_signature=require_signature, log=log)
     except (BundleError, FileNotFoundError) as exc:
         _fail(str(exc))
         raise
@@ -735,6 +740,33 @@ def release(commit: Annotated[str, typer.Option(help="the commit the working tre
     code = _report_release(fr, url)
     if code:
         raise typer.Exit(code)
+
+
+@feedback_app.command("push")
+def feedback_push(log: Annotated[Path, typer.Argument(help="the prediction log (`edgeqa predict --log FILE`)")],
+                  device: Annotated[str, typer.Option(help="the device or line it came from (default: this host)")]
+                  = "",
+                  rotate: Annotated[bool, typer.Option(help="then rename the log to LOG.<hash>.pushed, so new "
+                                                            "predictions start a new one")] = True) -> None:
+    """Upload a prediction log to s3://<releases bucket>/feedback/<device>/ (every line checked first;
+    content-addressed: the same log is stored once)."""
+    import socket
+
+    from edgeqa.errors import StageError
+    from edgeqa.feedback import push
+
+    stack = _stack()
+    try:
+        stack.check_s3()
+    except StackError as exc:
+        _fail(str(exc))
+    try:
+        res = push(stack.s3_client(), stack.cfg.buckets["releases"], log, device or socket.gethostname(), rotate)
+    except StageError as exc:
+        _fail(str(exc))
+        raise
+    what = "uploaded" if res["new"] else "already there (the same log was pushed before)"
+    console.print(f"{res['lines']} predictions {what}: {res['uri']}", highlight=False)
 
 
 def _notify_ref() -> str:

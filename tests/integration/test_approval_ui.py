@@ -9,7 +9,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -27,33 +30,39 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--
         "--disable-component-update", "--disable-sync"]
 
 
-def _fill_form(url: str, reviewer: str, token: str, comment: str, shot: Path) -> None:
+@contextmanager
+def open_browser() -> Iterator[Any]:
+    """A page in headless Chromium with a new, empty profile (1400x1000)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         ctx = p.chromium.launch_persistent_context(tempfile.mkdtemp(), executable_path=str(CHROMIUM), headless=True,
                                                    args=ARGS, viewport={"width": 1400, "height": 1000})
         try:
-            page = ctx.new_page()
-            page.goto(url)
-            page.get_by_role("button", name="Resume").click()
-            dlg = page.get_by_role("dialog")
-
-            def field(label: str):
-                return dlg.locator(".schema-form-property").filter(
-                    has=page.locator(".schema-form-property__label", has_text=label))
-
-            field("Decision").locator("button.p-select-button__control").click()
-            page.keyboard.press("ArrowDown")  # the select opens its options on a key press
-            page.get_by_role("option", name="approve", exact=True).click()
-            field("Reviewer").locator("textarea").fill(reviewer)
-            field("Token").locator("textarea").fill(token)
-            field("Comment").locator("textarea").fill(comment)
-            page.screenshot(path=str(shot))
-            dlg.get_by_role("button", name="Submit").click()
-            page.get_by_role("dialog").wait_for(state="detached", timeout=15000)
+            yield ctx.new_page()
         finally:
             ctx.close()
+
+
+def _fill_form(url: str, reviewer: str, token: str, comment: str, shot: Path) -> None:
+    with open_browser() as page:
+        page.goto(url)
+        page.get_by_role("button", name="Resume").click()
+        dlg = page.get_by_role("dialog")
+
+        def field(label: str):
+            return dlg.locator(".schema-form-property").filter(
+                has=page.locator(".schema-form-property__label", has_text=label))
+
+        field("Decision").locator("button.p-select-button__control").click()
+        page.keyboard.press("ArrowDown")  # the select opens its options on a key press
+        page.get_by_role("option", name="approve", exact=True).click()
+        field("Reviewer").locator("textarea").fill(reviewer)
+        field("Token").locator("textarea").fill(token)
+        field("Comment").locator("textarea").fill(comment)
+        page.screenshot(path=str(shot))
+        dlg.get_by_role("button", name="Submit").click()
+        page.get_by_role("dialog").wait_for(state="detached", timeout=15000)
 
 
 def test_a_reviewer_approves_in_the_prefect_ui_form(tiny_repo, stack, cli, tmp_path):

@@ -120,11 +120,22 @@ def test_predict_on_a_folder_writes_json_lines_and_reports_a_broken_image(tiny_b
 
     imgs, paths = _image_folder(tmp_path, tiny_manifest)
     out = tmp_path / "answers.jsonl"
-    r = subprocess.run([str(Path(VENV_BIN) / command), "predict", "--bundle", str(tiny_bundle["dir"]), str(imgs),
-                        "--out", str(out)], capture_output=True, text=True)
+    for _ in range(2):
+        r = subprocess.run([str(Path(VENV_BIN) / command), "predict", "--bundle", str(tiny_bundle["dir"]),
+                            str(imgs), "--out", str(out), "--log", str(tmp_path / "line" / "predictions.jsonl")],
+                           capture_output=True, text=True)
     assert r.returncode == 1, r.stderr  # one image could not be read
     assert "1 of 4 images could not be read" in r.stderr
     recs = [json.loads(line) for line in out.read_text().splitlines()]
+    # the prediction log: only answered images, each with its file's hash, appended run after run
+    from edgeqa_runtime.files import sha256_file
+    from edgeqa_runtime.predlog import read
+
+    log = list(read(tmp_path / "line" / "predictions.jsonl"))
+    assert [Path(x["path"]).name for x in log] == ["img0.png", "img1.png", "img2.png"] * 2
+    for x, rec in zip(log, recs[1:] * 2):
+        assert x["image_sha256"] == sha256_file(Path(x["path"])) and x["bundle"] == rec["bundle"]
+        assert (x["verdict"], x["type"], x["p_defective"]) == (rec["verdict"], rec["type"], rec["p_defective"])
     assert [Path(x["path"]).name for x in recs] == ["broken.png", "img0.png", "img1.png", "img2.png"]
     assert "cannot read the image" in recs[0]["error"]
     n_tokens = json.loads((tiny_bundle["dir"] / "runtime.json").read_text())["max_reason_tokens"]

@@ -74,10 +74,11 @@ def answers(bundle: Path, paths: list[Path], threads: int = 1, max_reason_tokens
 
 def predict(bundle: str | Path, target: Path, out: Path | None = None, threads: int = 1,
             max_reason_tokens: int | None = None, progress: bool = True, stdout: TextIO | None = None,
-            trust: Path | None = None, require_signature: bool = False) -> int:
+            trust: Path | None = None, require_signature: bool = False, log: Path | None = None) -> int:
     """Answer an image or a folder with a bundle; JSON lines to `out` (written to a temp name, then renamed)
     or to stdout. Returns the exit status (0 all answered, 1 some images unreadable). `bundle` may be
-    `s3://BUCKET/production` (or staging, or a version): see `edgeqa_runtime.remote`."""
+    `s3://BUCKET/production` (or staging, or a version): see `edgeqa_runtime.remote`. With `log`, each answer
+    is also appended to that prediction log (`edgeqa_runtime.predlog`)."""
     if is_remote(bundle):
         from edgeqa_runtime.remote import fetch
 
@@ -89,10 +90,20 @@ def predict(bundle: str | Path, target: Path, out: Path | None = None, threads: 
 
     def write_all(sink: TextIO) -> None:
         nonlocal failed
-        for rec in answers(Path(bundle), paths, threads, max_reason_tokens, progress, trust, require_signature):
-            failed += "error" in rec
-            sink.write(json.dumps(rec) + "\n")
-            sink.flush()
+        from edgeqa_runtime.predlog import Appender, entry
+
+        appender = Appender(log) if log is not None else None
+        try:
+            for rec in answers(Path(bundle), paths, threads, max_reason_tokens, progress, trust,
+                               require_signature):
+                failed += "error" in rec
+                sink.write(json.dumps(rec) + "\n")
+                sink.flush()
+                if appender is not None and "error" not in rec:
+                    appender.write(entry(Path(rec["path"]), rec))
+        finally:
+            if appender is not None:
+                appender.close()
 
     if out is None:
         write_all(stdout or sys.stdout)
@@ -127,10 +138,12 @@ def main(argv: list[str] | None = None) -> None:
                    "$EDGEQA_TRUSTED_KEYS_FILE, then $EDGEQA_TRUSTED_KEYS")
     p.add_argument("--require-signature", action="store_true",
                    help="refuse the bundle when no trusted keys are configured")
+    p.add_argument("--log", type=Path, help="also append each answer to this prediction log (JSON lines: image "
+                   "hash, answer, P(defective), bundle version), for `edgeqa feedback push`")
     a = ap.parse_args(argv)
     try:
         code = predict(a.bundle, a.target, a.out, a.threads, a.max_reason_tokens, not a.no_progress,
-                       trust=a.trust, require_signature=a.require_signature)
+                       trust=a.trust, require_signature=a.require_signature, log=a.log)
     except (BundleError, FileNotFoundError) as exc:
         print(f"edgeqa-edge: error: {exc}", file=sys.stderr)
         code = 2
