@@ -769,6 +769,32 @@ def feedback_push(log: Annotated[Path, typer.Argument(help="the prediction log (
     console.print(f"{res['lines']} predictions {what}: {res['uri']}", highlight=False)
 
 
+@app.command()
+def drift(device: Annotated[str | None, typer.Option(help="only this device's logs (default: all)")] = None
+          ) -> None:
+    """Check the prediction logs the line pushed (feedback/) for drift against what the released model
+    answered on test: P(defective) (PSI, KS), the share answered defective, image sizes training never had
+    (thresholds: ops.drift). Writes reports/drift/report.{json,md}; notifies through ops.notify_block on drift.
+    Exit 0: no drift (or too few answers for a verdict); 3: drift."""
+    root = project_root()
+    stack = _stack()
+    try:
+        stack.up()
+    except StackError as exc:
+        _fail(str(exc))
+    use_stack_env(stack)
+    flow = load_project_module(root, "flows.drift").drift
+    state = flow(repo=str(root), device=device, return_state=True)
+    if not state.is_completed():
+        _fail(f"the drift check {state.name}: {state.message}")
+    rep = state.result()
+    colour = "yellow" if rep["drifted"] else "green"
+    console.print(f"[{colour}]{rep['summary']}[/{colour}] (report: {root / 'reports' / 'drift' / 'report.md'})",
+                  highlight=False)
+    if rep["drifted"]:
+        raise typer.Exit(3)
+
+
 def _notify_ref() -> str:
     from edgeqa.config import ParamsError, load_params
 

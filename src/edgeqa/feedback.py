@@ -61,3 +61,19 @@ def batches(s3: Any, bucket: str, device: str | None = None) -> list[dict[str, A
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         out += [{"key": o["Key"], "bytes": o["Size"]} for o in page.get("Contents", [])]
     return sorted(out, key=lambda o: o["key"])
+
+
+def load(s3: Any, bucket: str, keys: list[str]) -> list[dict[str, Any]]:
+    """The checked lines of uploaded logs, in key order."""
+    from edgeqa_runtime.predlog import LogError, check
+
+    out = []
+    for key in keys:
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+        for i, raw in enumerate(body.splitlines(), 1):
+            try:
+                out.append(check(json.loads(raw), f"s3://{bucket}/{key}:{i}"))
+            except (ValueError, LogError) as exc:
+                raise StageError(str(exc) if isinstance(exc, LogError) else
+                                 f"s3://{bucket}/{key}:{i}: not a JSON line") from None
+    return out

@@ -64,3 +64,21 @@ def notify(flow: Any, flow_run: Any, state: Any) -> None:
         block.notify(body=body, subject=subject)
     except Exception as exc:  # noqa: BLE001 - a failed notification never changes the run
         log.warning("notification through %s failed: %s", ref, type(exc).__name__)
+
+
+def send(ref: str, subject: str, body: str) -> bool:
+    """Send one message through the notification block `ref` (e.g. a drift alert); False when none is saved
+    or it could not be sent (logged by exception type, never the URL)."""
+    from prefect.blocks.core import Block
+
+    try:
+        block: Any = Block.load(ref)
+    except (ValueError, KeyError):
+        log.info("no notification block %s: not notifying (%s)", ref, subject)
+        return False
+    try:
+        block.notify(body=body, subject=subject)
+    except Exception as exc:  # noqa: BLE001 - a failed notification never changes the run
+        log.warning("notification through %s failed: %s", ref, type(exc).__name__)
+        return False
+    return True

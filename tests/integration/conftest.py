@@ -1,8 +1,11 @@
 """Fixtures of the integration tests: `edgeqa` as a user runs it, against the session's stack."""
 
+import http.server
+import json
 import os
 import subprocess
 import sys
+import threading
 import uuid
 
 import pytest
@@ -36,3 +39,23 @@ def cli(stack, prefect_api, monkeypatch):
         return out
 
     return run
+
+
+@pytest.fixture
+def webhook():
+    """A loopback HTTP receiver: the JSON bodies POSTed to it, in order."""
+    got = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the stdlib's name
+            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/hook/{uuid.uuid4().hex}", got
+    server.shutdown()

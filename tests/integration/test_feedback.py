@@ -5,6 +5,7 @@ a bad line refused by its line number with nothing uploaded."""
 import json
 
 import pytest
+from PIL import Image
 
 from edgeqa.feedback import batches
 from edgeqa_runtime.predlog import Appender, entry
@@ -29,7 +30,7 @@ def test_feedback_push_uploads_once_rotates_and_refuses_a_bad_line(tmp_path, sta
     bucket = os.environ["EDGEQA_RELEASES_BUCKET"]
     s3 = stack.s3_client()
     img = tmp_path / "a.png"
-    img.write_bytes(b"image bytes")
+    Image.new("RGB", (64, 48), (90, 90, 90)).save(img)
     log = _log(tmp_path / "predictions.jsonl", img, 3)
     copy = tmp_path / "copy.jsonl"
     copy.write_bytes(log.read_bytes())
@@ -52,3 +53,59 @@ def test_feedback_push_uploads_once_rotates_and_refuses_a_bad_line(tmp_path, sta
     assert batches(s3, bucket, "line-8") == [] and copy.exists()
     out = " ".join(cli(REPO, "feedback", "push", str(copy), "--device", "../etc", code=2).split())
     assert "--device '../etc'" in out
+
+
+@pytest.mark.slow
+def test_the_loop_back_predict_push_and_drift_with_a_notification(tiny_repo, tmp_path, stack, cli, webhook):
+    """The tiny edge bundle answers test images with a prediction log; pushed; `edgeqa drift` finds no drift
+    against evaluate@edge on those same images. Then a camera with another resolution: drift, exit 3, a
+    notification through the webhook block, and the report."""
+    import shutil
+
+    import pandas as pd
+    import yaml
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    url, got = webhook
+    proj = tmp_path / "proj"  # what the drift check reads: params, the reference answers, the manifest, flows
+    for rel in ("dvc.yaml", "params.yaml", "infra/stack.yaml", "flows/__init__.py", "flows/drift.py",
+                "reports/evaluate/edge/predictions.jsonl", "data/ingest/manifest.parquet"):
+        (proj / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tiny_repo / rel, proj / rel)
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["ops"]["drift"]["min_batch"] = 10
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    df = pd.read_parquet(proj / "data" / "ingest" / "manifest.parquet")
+    test = [tiny_repo / p for p in df[df.split == "test"].path]
+    line = tmp_path / "line"
+    line.mkdir()
+    for i, p in enumerate(test):
+        shutil.copy(p, line / f"{i:03d}.png")
+    log = tmp_path / "predictions.jsonl"
+    bundle = str(tiny_repo / "models" / "edge")
+    cli(proj, "predict", "--bundle", bundle, str(line), "--out", str(tmp_path / "a.jsonl"), "--log", str(log),
+        "--no-progress")
+    cli(proj, "feedback", "push", str(log), "--device", "loop-cam")
+    cli(proj, "notify", "set-webhook", url)
+    try:
+        out = " ".join(cli(proj, "drift", "--device", "loop-cam").split())
+        assert f"no drift in {len(test)} answers" in out, out
+        rep = json.loads((proj / "reports" / "drift" / "report.json").read_text())
+        assert rep["drifted"] is False and rep["rules"][0]["value"] < 0.25 and got == []
+
+        cam2 = tmp_path / "cam2"  # another camera: the same scenes at another resolution
+        cam2.mkdir()
+        for p in sorted(line.iterdir()):
+            with Image.open(p) as im:
+                im.resize((im.width + 64, im.height)).save(cam2 / p.name)
+        cli(proj, "predict", "--bundle", bundle, str(cam2), "--out", str(tmp_path / "b.jsonl"), "--log", str(log),
+            "--no-progress")
+        cli(proj, "feedback", "push", str(log), "--device", "loop-cam")
+        out = " ".join(cli(proj, "drift", "--device", "loop-cam", code=3).split())
+        assert "unseen_size_share 0.5 > 0.05" in out, out
+        rep = json.loads((proj / "reports" / "drift" / "report.json").read_text())
+        assert rep["drifted"] is True and rep["n"] == 2 * len(test) and len(rep["logs"]) == 2
+        assert len(got) == 1 and got[0]["subject"].startswith("edgeqa: drift on the line")
+        assert "unseen_size_share" in got[0]["body"]
+    finally:
+        CustomWebhookNotificationBlock.delete("edgeqa-notify")

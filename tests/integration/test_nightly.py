@@ -5,14 +5,11 @@ whose outputs and run cache are on the S3 remote. The run clones it into a check
 cache, runs every stage through DVC (none retrains), saves the result, and releases it through the gate (the
 tiny models are refused: nothing is published, nobody is asked to approve)."""
 
-import http.server
 import json
 import os
 import re
 import shutil
 import subprocess
-import threading
-import uuid
 
 import pytest
 import yaml
@@ -32,26 +29,6 @@ def _set(repo, section, **values):
         cur = cur[part]
     cur.update(values)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-@pytest.fixture
-def webhook():
-    """A loopback HTTP receiver: the JSON bodies POSTed to it, in order."""
-    got = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - the stdlib's name
-            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/hook/{uuid.uuid4().hex}", got
-    server.shutdown()
 
 
 def test_a_second_pipeline_run_waits_for_the_slot_then_fails_naming_the_limit_and_both_runs_notify(

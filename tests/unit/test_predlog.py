@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from PIL import Image
 
 from edgeqa_runtime.files import sha256_file
 from edgeqa_runtime.predlog import FIELDS, Appender, LogError, entry, read
@@ -12,7 +13,7 @@ REC = {"verdict": "defective", "type": "crack", "location": "top-left", "p_defec
 
 def _log(tmp_path, n=3):
     img = tmp_path / "a.png"
-    img.write_bytes(b"\x89PNG fake bytes")
+    Image.new("RGB", (64, 48), (90, 90, 90)).save(img)
     log = tmp_path / "logs" / "p.jsonl"
     app = Appender(log)
     for _ in range(n):
@@ -27,7 +28,7 @@ def test_lines_carry_the_image_hash_and_the_answer_and_append(tmp_path):
     lines = list(read(log))
     assert len(lines) == 3 and set(lines[0]) == set(FIELDS)
     assert lines[0]["image_sha256"] == sha256_file(img) and lines[0]["verdict"] == "defective"
-    assert lines[0]["ts"].endswith("+00:00")
+    assert lines[0]["ts"].endswith("+00:00") and (lines[0]["width"], lines[0]["height"]) == (64, 48)
 
 
 def test_a_last_line_cut_by_a_crash_is_skipped_and_any_other_bad_line_is_named(tmp_path):

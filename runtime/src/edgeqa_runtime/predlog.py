@@ -1,10 +1,10 @@
 """The prediction log: what a device answered, appended one JSON line per answered image, so the line's
 answers can come back for drift checks and retraining (`edgeqa feedback push` uploads a log to S3).
 
-A line: `ts` (UTC, ISO 8601), `image_sha256` (of the file's bytes), `path`, `verdict`, `type`, `location`,
-`p_defective`, `bundle` (the bundle's version), `host`. Lines are appended with one write each to a file opened
-in append mode, so concurrent writers never interleave inside a line; a crash can leave at most a last line
-without its newline, which `read` reports and skips.
+A line: `ts` (UTC, ISO 8601), `image_sha256` (of the file's bytes), `width`, `height`, `path`, `verdict`,
+`type`, `location`, `p_defective`, `bundle` (the bundle's version), `host`. Lines are appended with one write
+each to a file opened in append mode, so concurrent writers never interleave inside a line; a crash can leave
+at most a last line without its newline, which `read` skips.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import Any
 
 from edgeqa_runtime.files import sha256_file
 
-FIELDS = ("ts", "image_sha256", "path", "verdict", "type", "location", "p_defective", "bundle", "host")
+FIELDS = ("ts", "image_sha256", "width", "height", "path", "verdict", "type", "location", "p_defective", "bundle",
+          "host")
 
 
 class LogError(ValueError):
@@ -28,8 +29,13 @@ class LogError(ValueError):
 
 def entry(path: Path, rec: dict[str, Any]) -> dict[str, Any]:
     """The log line for one answered image (`rec` as `edgeqa_runtime.cli.record` builds it)."""
+    from PIL import Image
+
+    with Image.open(path) as im:  # the header only: its size, as the manifest records it
+        width, height = im.size
     return {"ts": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"), "image_sha256": sha256_file(path),
-            "path": str(path), "verdict": rec["verdict"], "type": rec["type"], "location": rec["location"],
+            "width": width, "height": height, "path": str(path), "verdict": rec["verdict"], "type": rec["type"],
+            "location": rec["location"],
             "p_defective": rec["p_defective"], "bundle": rec["bundle"], "host": socket.gethostname()}
 
 
@@ -58,6 +64,9 @@ def check(line: Any, where: str) -> dict[str, Any]:
     p = line["p_defective"]
     if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
         raise LogError(f"{where}: p_defective {p!r} is not a probability in [0, 1]")
+    for k in ("width", "height"):
+        if not isinstance(line[k], int) or isinstance(line[k], bool) or line[k] < 1:
+            raise LogError(f"{where}: {k} {line[k]!r} is not a size in pixels")
     h = line["image_sha256"]
     if not (isinstance(h, str) and len(h) == 64 and all(c in "0123456789abcdef" for c in h)):
         raise LogError(f"{where}: image_sha256 {h!r} is not a SHA-256 hex digest")

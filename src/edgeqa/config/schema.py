@@ -584,9 +584,18 @@ class NightlyConfig(_Section):
         return v
 
 
+class DriftConfig(_Section):
+    """`edgeqa drift`: the line's prediction logs (feedback/) against what the released model saw at test."""
+    min_batch: int = Field(default=50, ge=1)  # fewer answers than this: no verdict, "too few"
+    max_psi: float = Field(default=0.25, gt=0)  # population stability index of P(defective), 10 quantile bins
+    max_defect_rate_shift: float = Field(default=0.15, gt=0, le=1)  # |share answered defective - test's|
+    max_unseen_size_share: float = Field(default=0.05, ge=0, le=1)  # images of a size training never had
+
+
 class OpsConfig(_Section):
     """Scheduled runs and the one-pipeline-at-a-time rule (never read by a stage)."""
     nightly: NightlyConfig = Field(default_factory=NightlyConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
     # a second pipeline run waits this long for the `edgeqa-pipeline` concurrency slot, then fails naming it
     lock_wait_s: int = Field(default=6 * 3600, ge=0, le=7 * 86400)
     # the Prefect notification block (`<block type slug>/<name>`) the flows' completion and failure hooks use,

@@ -1,0 +1,45 @@
+"""The drift rules by construction: PSI, the defect-rate shift, image sizes training never had, and no verdict
+on a small batch."""
+
+import numpy as np
+import pytest
+
+from edgeqa.config.schema import DriftConfig
+from edgeqa.drift import check, psi, render
+
+CFG = DriftConfig(min_batch=50, max_psi=0.25, max_defect_rate_shift=0.15, max_unseen_size_share=0.05)
+RNG = np.random.default_rng(0)
+
+
+def _answers(p, size=(256, 256), bundle="v1"):
+    return [{"p_defective": float(x), "verdict": "defective" if x >= 0.5 else "good", "width": size[0],
+             "height": size[1], "bundle": bundle} for x in p]
+
+
+def test_psi_is_zero_for_the_same_distribution_and_large_for_a_shifted_one():
+    ref = RNG.beta(2, 5, 2000)
+    assert psi(ref, ref) == pytest.approx(0.0, abs=1e-9)
+    assert psi(ref, RNG.beta(2, 5, 2000)) < 0.05
+    assert psi(ref, RNG.beta(5, 2, 2000)) > 1.0
+
+
+def test_a_batch_like_the_reference_passes_and_a_shifted_one_fails_the_rules_it_breaks():
+    ref = _answers(RNG.beta(2, 5, 400))
+    same = check(CFG, ref, {(256, 256)}, _answers(RNG.beta(2, 5, 300)))
+    assert same["drifted"] is False and all(r["passed"] for r in same["rules"])
+    shifted = check(CFG, ref, {(256, 256)}, _answers(RNG.beta(6, 2, 300)))
+    failed = {r["rule"] for r in shifted["rules"] if not r["passed"]}
+    assert shifted["drifted"] is True and failed == {"psi_p_defective", "defect_rate_shift"}
+    assert shifted["ks_p_defective"]["pvalue"] < 1e-6 and "psi_p_defective" in shifted["summary"]
+    assert "| psi_p_defective |" in render(shifted) and render(shifted).startswith("# drift: DRIFT")
+
+
+def test_images_of_a_size_training_never_had_are_drift_and_a_small_batch_gets_no_verdict():
+    ref = _answers(RNG.beta(2, 5, 400))
+    new_cam = check(CFG, ref, {(256, 256)}, _answers(RNG.beta(2, 5, 100), size=(320, 240)))
+    assert new_cam["drifted"] and [r["rule"] for r in new_cam["rules"] if not r["passed"]] == ["unseen_size_share"]
+    few = check(CFG, ref, {(256, 256)}, _answers(RNG.beta(6, 2, 49)))
+    assert few["drifted"] is None and few["rules"] == [] and "min_batch 50" in few["summary"]
+    assert render(few).startswith("# drift: no verdict")
+    with pytest.raises(ValueError, match="no reference predictions"):
+        check(CFG, [], {(256, 256)}, ref)
