@@ -20,6 +20,7 @@ import numpy as np
 from edgeqa.config.schema import DriftConfig
 
 EPS = 1e-4
+DECIMALS = 6  # P(defective) as the prediction log records it
 
 
 def psi(reference: np.ndarray, new: np.ndarray, bins: int = 10) -> float:
@@ -39,7 +40,9 @@ def check(cfg: DriftConfig, reference: list[dict[str, Any]], training_sizes: set
 
     if not reference:
         raise ValueError("no reference predictions (evaluate@edge on test): run the pipeline first")
-    p_ref = np.array([r["p_defective"] for r in reference], dtype=float)
+    # both at the log's precision (the runtime rounds P to 6 decimals): a score tied at a bin edge must land
+    # in the same bin on both sides, or identical answers would look like drift
+    p_ref = np.round(np.array([r["p_defective"] for r in reference], dtype=float), DECIMALS)
     rate_ref = float(np.mean([r["verdict"] == "defective" for r in reference]))
     out: dict[str, Any] = {"when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "n": len(batch),
                            "n_reference": len(reference), "min_batch": cfg.min_batch,
@@ -47,7 +50,7 @@ def check(cfg: DriftConfig, reference: list[dict[str, Any]], training_sizes: set
     if len(batch) < cfg.min_batch:
         out.update(drifted=None, summary=f"{len(batch)} answers < ops.drift.min_batch {cfg.min_batch}: no verdict")
         return out
-    p_new = np.array([b["p_defective"] for b in batch], dtype=float)
+    p_new = np.round(np.array([b["p_defective"] for b in batch], dtype=float), DECIMALS)
     rate_new = float(np.mean([b["verdict"] == "defective" for b in batch]))
     unseen = float(np.mean([(b["width"], b["height"]) not in training_sizes for b in batch]))
     rules = [("psi_p_defective", psi(p_ref, p_new), cfg.max_psi),

@@ -23,6 +23,13 @@ def test_psi_is_zero_for_the_same_distribution_and_large_for_a_shifted_one():
     assert psi(ref, RNG.beta(5, 2, 2000)) > 1.0
 
 
+def test_the_same_answers_at_the_logs_precision_are_no_drift_even_when_scores_are_tied():
+    ref = _answers(np.repeat([0.499079541411701, 0.4991632201139147, 0.4993305776542768], [9, 6, 5]))
+    logged = [dict(a, p_defective=round(a["p_defective"], 6)) for a in ref]  # as the runtime writes them
+    rep = check(CFG.model_copy(update={"min_batch": 10}), ref, {(256, 256)}, logged)
+    assert rep["drifted"] is False and rep["rules"][0]["value"] == 0.0
+
+
 def test_a_batch_like_the_reference_passes_and_a_shifted_one_fails_the_rules_it_breaks():
     ref = _answers(RNG.beta(2, 5, 400))
     same = check(CFG, ref, {(256, 256)}, _answers(RNG.beta(2, 5, 300)))
