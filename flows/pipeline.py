@@ -202,10 +202,10 @@ def publish_links(repo: str) -> None:
         create_link_artifact(key="gx-data-docs", link=docs.as_uri(), link_text="Great Expectations Data Docs",
                              description="the validation results of this run's data")
     r = subprocess.run(["dvc", "remote", "list"], cwd=repo, capture_output=True, text=True, env=_dvc_env())
-    for line in r.stdout.splitlines():
-        name, _, url = line.partition("\t")
-        if url.strip().startswith("s3://"):
-            create_link_artifact(key="dvc-remote", link=url.strip(), link_text=f"DVC remote {name.strip()}",
+    for line in r.stdout.splitlines():  # "<name>  <url>  (default)"
+        fields = line.split()
+        if len(fields) >= 2 and fields[1].startswith("s3://"):
+            create_link_artifact(key="dvc-remote", link=fields[1], link_text=f"DVC remote {fields[0]}",
                                  description="where `dvc push` put this run's outputs and run cache")
     card = root / "models" / "edge" / "MODEL_CARD.md"
     if card.is_file():
