@@ -74,6 +74,17 @@ def _stack() -> Stack:
         raise
 
 
+def _stack_up() -> Stack:
+    """The project's stack, started if it is not up, with this process's Prefect client pointed at it."""
+    stack = _stack()
+    try:
+        stack.up()
+    except StackError as exc:
+        _fail(str(exc))
+    use_stack_env(stack)
+    return stack
+
+
 def use_stack_env(stack: Stack) -> None:
     """Point this process's Prefect client and DVC/boto3 at the local stack (before importing prefect)."""
     os.environ.update({k: v for k, v in stack.prefect_env().items()
@@ -636,11 +647,7 @@ def nightly(wait: Annotated[bool, typer.Option(help="follow the run until it end
     """Start the `edgeqa-pipeline/nightly` deployment now, as its schedule would: on the local worker, in its
     own checkout of ops.nightly.ref, then the release. Exit 0 when the run completes, 1 when it fails."""
     root = project_root()
-    stack = _stack()
-    try:
-        stack.up()
-    except StackError as exc:
-        _fail(str(exc))
+    stack = _stack_up()
     deploy_nightly(stack, root)
     from prefect.deployments import run_deployment
 
@@ -730,12 +737,7 @@ def release(commit: Annotated[str, typer.Option(help="the commit the working tre
     Exit 0: waiting for a reviewer, released, or nothing new; 3: refused by the gate or the champion (nothing
     published), or rejected; 2: the release could not run (dirty tree, stale outputs, no stack...)."""
     root = project_root()
-    stack = _stack()
-    try:
-        stack.up()
-    except StackError as exc:
-        _fail(str(exc))
-    use_stack_env(stack)
+    stack = _stack_up()
     fr, url = _start_release(stack, root, commit, reason, key_file, wait)
     code = _report_release(fr, url)
     if code:
@@ -777,12 +779,7 @@ def drift(device: Annotated[str | None, typer.Option(help="only this device's lo
     (thresholds: ops.drift). Writes reports/drift/report.{json,md}; notifies through ops.notify_block on drift.
     Exit 0: no drift (or too few answers for a verdict); 3: drift."""
     root = project_root()
-    stack = _stack()
-    try:
-        stack.up()
-    except StackError as exc:
-        _fail(str(exc))
-    use_stack_env(stack)
+    _stack_up()
     flow = load_project_module(root, "flows.drift").drift
     state = flow(repo=str(root), device=device, return_state=True)
     if not state.is_completed():
