@@ -44,14 +44,6 @@ def message(flow_name: str, run_name: str, run_id: Any, state: Any, result: dict
 
 def notify(flow: Any, flow_run: Any, state: Any) -> None:
     """The hook (on_completion, on_failure, on_crashed)."""
-    from prefect.blocks.core import Block
-
-    ref = _block_ref(flow_run.parameters or {})
-    try:
-        block: Any = Block.load(ref)
-    except (ValueError, KeyError):
-        log.debug("no notification block %s: not notifying", ref)
-        return
     result = None
     if state.is_completed():
         try:
@@ -60,10 +52,7 @@ def notify(flow: Any, flow_run: Any, state: Any) -> None:
         except Exception:  # noqa: BLE001 - a result that cannot be read only shortens the message
             result = None
     subject, body = message(flow.name, flow_run.name, flow_run.id, state, result)
-    try:
-        block.notify(body=body, subject=subject)
-    except Exception as exc:  # noqa: BLE001 - a failed notification never changes the run
-        log.warning("notification through %s failed: %s", ref, type(exc).__name__)
+    send(_block_ref(flow_run.parameters or {}), subject, body)
 
 
 def send(ref: str, subject: str, body: str) -> bool:
