@@ -30,6 +30,27 @@ class StackError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class Credentials:
+    access_key: str
+    secret_key: str
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"Credentials(access_key={self.access_key!r}, secret_key='***')"
+
+
+def _url(env: dict[str, str], key: str) -> str | None:
+    v = env.get(key, "").strip()
+    if not v:
+        return None
+    from urllib.parse import urlparse
+
+    u = urlparse(v)
+    if u.scheme not in ("http", "https") or not u.netloc:
+        raise StackError(f"{key}={v!r} is not an http:// or https:// URL")
+    return v
+
+
+@dataclass(frozen=True)
 class StackConfig:
     state_dir: Path
     ports: dict[str, int]
@@ -40,6 +61,11 @@ class StackConfig:
     work_pool: str = "edgeqa-local"
     start_timeout_s: float = 60.0
     stop_timeout_s: float = 40.0
+    # an external S3 endpoint and/or Prefect API (a production setup, infra/README.md): nothing is started for
+    # it; the S3 keys then come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, never from a file
+    s3_url: str | None = None
+    s3_keys: Credentials | None = None
+    prefect_url: str | None = None
 
     @classmethod
     def load(cls, project: Path, env: dict[str, str] | None = None, path: Path | None = None) -> StackConfig:
@@ -70,37 +96,48 @@ class StackConfig:
         if host != "127.0.0.1":
             raise StackError(f"{path}: host must be 127.0.0.1 (the stack binds to loopback only), got {host!r}")
         buckets = {str(k): str(env.get(f"EDGEQA_{str(k).upper()}_BUCKET") or v) for k, v in raw["buckets"].items()}
+        s3_url = _url(env, "EDGEQA_S3_ENDPOINT")
+        prefect_url = _url(env, "EDGEQA_PREFECT_API_URL")
+        if prefect_url is not None and not prefect_url.rstrip("/").endswith("/api"):
+            raise StackError(f"EDGEQA_PREFECT_API_URL={prefect_url!r} must be the server's API URL, ending in /api "
+                             f"(e.g. http://prefect-server:4200/api)")
+        keys = None
+        if s3_url is not None:
+            missing = [k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if not env.get(k)]
+            if missing:
+                raise StackError(f"EDGEQA_S3_ENDPOINT is set ({s3_url}), so the S3 keys come from the environment; "
+                                 f"{' and '.join(missing)} missing (in Kubernetes: the edgeqa-s3 Secret)")
+            keys = Credentials(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"])
         return cls(state_dir=state, ports=ports, host=host, buckets=buckets,
-                   prefect_block=raw["prefect_block"], work_pool=str(raw.get("work_pool", "edgeqa-local")),
+                   prefect_block=raw["prefect_block"],
+                   work_pool=str(env.get("EDGEQA_WORK_POOL") or raw.get("work_pool", "edgeqa-local")),
                    start_timeout_s=float(raw["timeouts"]["start_s"]),
-                   stop_timeout_s=float(raw["timeouts"]["stop_s"]))
+                   stop_timeout_s=float(raw["timeouts"]["stop_s"]),
+                   s3_url=s3_url, s3_keys=keys, prefect_url=prefect_url.rstrip("/") if prefect_url else None)
 
     def with_ports(self, **ports: int) -> StackConfig:
         return replace(self, ports={**self.ports, **ports})
 
+    def external(self, svc: str) -> bool:
+        """Whether `svc` (s3, prefect, worker) runs elsewhere: `up` neither starts nor stops it. The local worker
+        serves the local server only; with an external server, the setup's own workers serve its pools."""
+        return (self.s3_url if svc == "s3" else self.prefect_url) is not None
+
     @property
     def s3_endpoint(self) -> str:
-        return f"http://{self.host}:{self.ports['s3']}"
+        return self.s3_url or f"http://{self.host}:{self.ports['s3']}"
 
     @property
     def prefect_api_url(self) -> str:
-        return f"http://{self.host}:{self.ports['prefect']}/api"
+        return self.prefect_url or f"http://{self.host}:{self.ports['prefect']}/api"
 
     @property
     def prefect_ui_url(self) -> str:
-        return f"http://{self.host}:{self.ports['prefect']}"
+        return self.prefect_api_url.removesuffix("/api")
 
     def path(self, *parts: str) -> Path:
         return self.state_dir.joinpath(*parts)
 
-
-@dataclass(frozen=True)
-class Credentials:
-    access_key: str
-    secret_key: str
-
-    def __repr__(self) -> str:  # never print the secret
-        return f"Credentials(access_key={self.access_key!r}, secret_key='***')"
 
 
 def _ephemeral_low() -> int:
@@ -176,6 +213,8 @@ class Stack:
 
     # ------------------------------------------------------------------------------ credentials
     def credentials(self, create: bool = False) -> Credentials:
+        if self.cfg.s3_keys is not None:
+            return self.cfg.s3_keys
         path = self.cfg.path("credentials.json")
         if path.exists():
             data = json.loads(path.read_text())
@@ -254,6 +293,8 @@ class Stack:
                 "-volume.preStopSeconds=1", "-master.electionTimeout=1s"]
 
     def prefect_env(self) -> dict[str, str]:
+        if self.cfg.external("prefect"):  # a client of someone else's server: its URL, nothing of a local one
+            return {"PREFECT_API_URL": self.cfg.prefect_api_url, "PREFECT_LOGGING_LEVEL": "WARNING"}
         home = self.cfg.path("prefect")
         return {"PREFECT_HOME": str(home),
                 "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
@@ -314,6 +355,10 @@ class Stack:
             env.update({"EDGEQA_STATE_DIR": str(self.cfg.state_dir),
                         **{f"EDGEQA_{k.upper()}_PORT": str(v) for k, v in self.cfg.ports.items()},
                         **{f"EDGEQA_{k.upper()}_BUCKET": v for k, v in self.cfg.buckets.items()}})
+            if self.cfg.external("s3"):
+                env.update({"EDGEQA_S3_ENDPOINT": self.cfg.s3_endpoint,
+                            "AWS_ACCESS_KEY_ID": self.credentials().access_key,
+                            "AWS_SECRET_ACCESS_KEY": self.credentials().secret_key})
             cmd = [_bin("prefect"), "worker", "start", "--pool", self.cfg.work_pool, "--type", "process",
                    "--name", f"edgeqa-{self.cfg.ports['prefect']}"]
         else:
@@ -390,6 +435,13 @@ class Stack:
         """Start what is not running, wait until healthy, create buckets and the Prefect results block."""
         started = []
         for svc in ("s3", "prefect"):
+            if self.cfg.external(svc):
+                if not self.healthy(svc):
+                    what = ("EDGEQA_S3_ENDPOINT", "S3") if svc == "s3" else ("EDGEQA_PREFECT_API_URL", "Prefect API")
+                    url = self.cfg.s3_endpoint if svc == "s3" else self.cfg.prefect_api_url
+                    raise StackError(f"the external {what[1]} at {url} ({what[0]}) does not answer; edgeqa starts "
+                                     f"nothing for it. Check the URL, the network and the service")
+                continue
             if self._pid(svc) is not None and self.healthy(svc):
                 continue
             if self._pid(svc) is not None:  # running but not (yet) healthy: wait for it
@@ -400,9 +452,12 @@ class Stack:
             started.append(svc)
         for svc in started:
             self._wait(svc)
-        if self._pid("worker") is None:  # it needs the server: it creates the process pool at its first start
+        if self.cfg.external("prefect"):
+            pass  # the external server's own workers serve its pools (infra/)
+        elif self._pid("worker") is None:  # it needs the server: it creates the process pool at its first start
             self._start("worker")
-        if not self.healthy("worker"):
+            self._wait("worker")
+        elif not self.healthy("worker"):
             self._wait("worker")
         self.ensure_buckets()
         self.ensure_prefect_block()
@@ -431,6 +486,9 @@ class Stack:
         out = {}
         for svc in self.SERVICES:
             pid = self._pid(svc)
+            if self.cfg.external(svc):
+                out[svc] = "external" + (": healthy" if svc != "worker" and self.healthy(svc) else "")
+                continue
             out[svc] = "down" if pid is None else ("healthy" if self.healthy(svc) else f"starting (pid {pid})")
         out["s3_endpoint"] = self.cfg.s3_endpoint
         out["prefect_ui"] = self.cfg.prefect_ui_url

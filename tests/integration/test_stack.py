@@ -119,3 +119,48 @@ def test_stack_config_env_overrides_and_validation(tmp_path):
     with pytest.raises(StackError, match="outside 1..65535"):
         StackConfig.load(REPO, env={"EDGEQA_MASTER_PORT": "70000"})
     assert json.dumps(cfg.ports)
+
+
+def test_external_endpoints_are_read_from_the_environment_and_validated(tmp_path):
+    env = {"EDGEQA_STATE_DIR": str(tmp_path), "EDGEQA_S3_ENDPOINT": "https://s3.example.internal",
+           "AWS_ACCESS_KEY_ID": "AK", "AWS_SECRET_ACCESS_KEY": "very-secret",
+           "EDGEQA_PREFECT_API_URL": "http://prefect-server:4200/api/", "EDGEQA_WORK_POOL": "edgeqa-k8s"}
+    cfg = StackConfig.load(REPO, env=env)
+    assert cfg.s3_endpoint == "https://s3.example.internal" and cfg.external("s3")
+    assert cfg.prefect_api_url == "http://prefect-server:4200/api" and cfg.prefect_ui_url == "http://prefect-server:4200"
+    assert cfg.external("prefect") and cfg.external("worker") and cfg.work_pool == "edgeqa-k8s"
+    assert Stack(cfg).credentials() == Credentials("AK", "very-secret")
+    assert "very-secret" not in repr(cfg)
+    assert Stack(cfg).prefect_env() == {"PREFECT_API_URL": "http://prefect-server:4200/api",
+                                        "PREFECT_LOGGING_LEVEL": "WARNING"}, "no local server settings leak in"
+    local = StackConfig.load(REPO, env={"EDGEQA_STATE_DIR": str(tmp_path)})
+    assert not local.external("s3") and not local.external("prefect") and local.s3_keys is None
+    with pytest.raises(StackError, match=r"AWS_SECRET_ACCESS_KEY missing \(in Kubernetes: the edgeqa-s3 Secret\)"):
+        StackConfig.load(REPO, env={"EDGEQA_S3_ENDPOINT": "http://s3:8333", "AWS_ACCESS_KEY_ID": "AK"})
+    with pytest.raises(StackError, match=r"EDGEQA_S3_ENDPOINT='s3\.example' is not an http:// or https:// URL"):
+        StackConfig.load(REPO, env={"EDGEQA_S3_ENDPOINT": "s3.example"})
+    with pytest.raises(StackError, match="must be the server's API URL, ending in /api"):
+        StackConfig.load(REPO, env={"EDGEQA_PREFECT_API_URL": "http://prefect-server:4200"})
+
+
+def test_up_against_external_servers_starts_nothing(stack, tmp_path):
+    """The session's running SeaweedFS and Prefect server, given as external endpoints (as a production
+    setup gives its own): `up` starts no process, creates the buckets there and reports them as external."""
+    c = stack.credentials()
+    env = {"EDGEQA_STATE_DIR": str(tmp_path / "state"), "EDGEQA_S3_ENDPOINT": stack.cfg.s3_endpoint,
+           "AWS_ACCESS_KEY_ID": c.access_key, "AWS_SECRET_ACCESS_KEY": c.secret_key,
+           "EDGEQA_PREFECT_API_URL": stack.cfg.prefect_api_url, "EDGEQA_DVC_BUCKET": "edgeqa-ext-dvc"}
+    ext = Stack(StackConfig.load(REPO, env=env))
+    status = ext.up()
+    assert not ext.pids(), "nothing started"
+    assert status["s3"] == "external: healthy" and status["prefect"] == "external: healthy"
+    assert status["worker"] == "external"
+    names = {b["Name"] for b in stack.s3_client().list_buckets()["Buckets"]}
+    assert "edgeqa-ext-dvc" in names
+    assert not (tmp_path / "state" / "credentials.json").exists(), "external keys are never written to a file"
+    ext.down()  # stops nothing it did not start
+    assert stack.healthy("s3") and stack.healthy("prefect")
+    dead = Stack(StackConfig.load(REPO, env={**env, "EDGEQA_S3_ENDPOINT": f"http://127.0.0.1:{free_port()}"}))
+    with pytest.raises(StackError, match=r"the external S3 at http://127\.0\.0\.1:\d+ \(EDGEQA_S3_ENDPOINT\) "
+                                         r"does not answer; edgeqa starts nothing for it"):
+        dead.up()
