@@ -46,12 +46,15 @@ def compute(evals: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out["retention"][name] = {m: _ratio(e.get(m), t.get(m)) for m in METRICS if m not in LOWER_IS_BETTER}
         if name == BASELINE:
             continue
-        gaps = {}
+        gaps: dict[str, float | None] = {}
         for m in METRICS:
             tv, bv, v = t.get(m), base.get(m), e.get(m)
-            teacher_better = None not in (tv, bv) and ((tv < bv) if m in LOWER_IS_BETTER else (tv > bv))
+            if tv is None or bv is None or v is None:
+                gaps[m] = None
+                continue
+            teacher_better = (tv < bv) if m in LOWER_IS_BETTER else (tv > bv)
             # no gap to recover where the baseline already matches or beats the teacher
-            gaps[m] = (v - bv) / (tv - bv) if teacher_better and v is not None else None
+            gaps[m] = (v - bv) / (tv - bv) if teacher_better else None
         out["gap_recovered"][name] = gaps
     out["parameter_ratio"] = _ratio(t.get("parameters"), base.get("parameters"))
     return out

@@ -210,7 +210,10 @@ class StudentModel(PreTrainedModel):
 
 
 def _hidden(decoder: dict[str, Any]) -> int:
-    return int(decoder.get("hidden_size") or decoder.get("n_embd"))
+    size = decoder.get("hidden_size") or decoder.get("n_embd")
+    if size is None:
+        raise ValueError(f"the decoder config has neither hidden_size nor n_embd (keys: {sorted(decoder)})")
+    return int(size)
 
 
 def lite0_into(trunk: VisionTrunk) -> None:

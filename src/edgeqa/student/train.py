@@ -260,6 +260,7 @@ def train(cfg: StudentConfig, model: Any, vlm: Any, feats: torch.Tensor, train_e
     rest = [q for q in model.parameters() if q.requires_grad and id(q) not in vis_ids]
     rest += list(aux.parameters()) if aux is not None else []
     groups = [{"params": rest, "lr": lr}] + ([{"params": vision, "lr": lr_vision}] if vision and lr_vision else [])
+    trained = rest + (vision if vision and lr_vision else [])  # what the groups hold, for gradient clipping
     opt = torch.optim.AdamW(groups, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 20)))
 
@@ -295,7 +296,7 @@ def train(cfg: StudentConfig, model: Any, vlm: Any, feats: torch.Tensor, train_e
         model.train()
         loss = batch_loss(model, vlm, feats, batch, cfg.key_token_weight, loss_fn, feats_flip, aux, cfg.aux_weight)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([q for g in groups for q in g["params"]], 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         sched.step()
         opt.zero_grad()
@@ -311,8 +312,8 @@ def train(cfg: StudentConfig, model: Any, vlm: Any, feats: torch.Tensor, train_e
             if live is not None:
                 live.step = step
                 for k in ("train_loss", "val_loss", "val_auroc"):
-                    if h[k] is not None:
-                        live.log_metric(k, h[k])
+                    if (val := h[k]) is not None:
+                        live.log_metric(k, val)
                 live.next_step()
             if vl < best - 1e-4:
                 best, bad = vl, 0
