@@ -792,6 +792,32 @@ def drift(device: Annotated[str | None, typer.Option(help="only this device's lo
         raise typer.Exit(3)
 
 
+@app.command("label-fanout")
+def label_fanout(workers: Annotated[int, typer.Option(min=1, help="Dask workers (processes, one thread each)")] = 2,
+                 address: Annotated[str | None, typer.Option(
+                     help="an existing Dask scheduler (tcp://host:8786) instead of a local cluster")] = None,
+                 pin_kernels: Annotated[bool, typer.Option(
+                     help="AVX2 kernels in the workers: answers identical to a single-process run")] = True,
+                 ) -> None:
+    """Label the pools over Dask workers: they fill the `label` stage's own resume cache, a run of whole
+    batches each, then `dvc repro -s label` assembles labels.jsonl from it. Refuses while label's upstream
+    stages are stale (it would label with an old teacher)."""
+    root = project_root()
+    _stack_up()
+    flow = load_project_module(root, "flows.label_fanout").label_fanout
+    state = flow(repo=str(root), workers=workers, address=address, pin_kernels=pin_kernels, return_state=True)
+    if not state.is_completed():
+        _fail(f"the label fan-out {state.name}: {state.message}")
+    res = state.result()
+    for s in res["shards"]:
+        console.print(f"shard {s['shard']}: batches {s['batches'][0]}..{s['batches'][1] - 1}, {s['computed']} "
+                      f"computed, {s['reused']} reused, {s['seconds']} s", highlight=False)
+    lab = res.get("label", {})
+    if lab:
+        console.print(f"[green]label: {lab['images']} images, {lab['batches_reused']} batches from the cache, "
+                      f"{lab['batches_computed']} computed[/green]", highlight=False)
+
+
 def _notify_ref() -> str:
     from edgeqa.config import ParamsError, load_params
 

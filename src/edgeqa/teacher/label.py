@@ -64,6 +64,78 @@ def answer_records(teacher: Answerer, rows: pd.DataFrame, ph: str, max_reason_to
     return out
 
 
+def plan(cfg: LabelConfig, manifest: Path) -> tuple[pd.DataFrame, list[pd.DataFrame]]:
+    """The pools' rows in manifest order, and their batches: fixed by position, so every process (a resumed
+    run, a fan-out worker) cuts the same batches and finds the same cache keys."""
+    df = pd.read_parquet(manifest)
+    pool = df[df.split.isin(cfg.pools)].reset_index(drop=True)
+    if pool.empty:
+        raise StageError(f"label: no images in the pools {cfg.pools} of {manifest}")
+    bs = cfg.batch_size
+    return pool, [pool.iloc[i:i + bs] for i in range(0, len(pool), bs)]
+
+
+def batch_key(rows: pd.DataFrame) -> str:
+    return hashlib.sha256("".join(rows.sha256).encode()).hexdigest()[:20]
+
+
+def cache_dir(teacher: Answerer, out: Path) -> tuple[str, Path]:
+    """The prompt hash and the cache folder of this teacher and prompt under the stage's output `out`."""
+    ph = prompt_hash(PROMPT + STRICT_PROMPT + repr(teacher.schema().options()))
+    cache = out / "cache" / f"{teacher.fingerprint}-{ph}"
+    cache.mkdir(parents=True, exist_ok=True)
+    return ph, cache
+
+
+def _compute(teacher: Answerer, rows: pd.DataFrame, ph: str, max_reason_tokens: int, top_k: int, f: Path
+             ) -> list[str]:
+    lines = [json.dumps(r, sort_keys=True) for r in answer_records(teacher, rows, ph, max_reason_tokens, top_k)]
+    atomic_write_text(f, "\n".join(lines) + "\n")  # temp name, then rename: a reader never sees half a batch
+    return lines
+
+
+def shard_batches(n_batches: int, shards: int) -> list[range]:
+    """Batch indices cut into `shards` contiguous runs of whole batches, sizes differing by at most one."""
+    if shards < 1:
+        raise StageError(f"label fan-out: shards must be >= 1, got {shards}")
+    q, r = divmod(n_batches, shards)
+    out, start = [], 0
+    for i in range(shards):
+        end = start + q + (i < r)
+        out.append(range(start, end))
+        start = end
+    return out
+
+
+def fill(cfg: LabelConfig, max_reason_tokens: int, top_k: int, threads: int, teacher_dir: Path, manifest: Path,
+         out: Path, shard: int, shards: int) -> dict[str, Any]:
+    """Fill the stage's own resume cache for shard `shard` of `shards` (a run of whole batches): the batches
+    not cached yet are computed and written exactly as the stage writes them; `label` then assembles
+    labels.jsonl from the cache. Used by the Dask fan-out flow (flows/label_fanout.py)."""
+    from edgeqa.teacher.local import load_teacher
+
+    t0 = time.perf_counter()
+    _, batches = plan(cfg, manifest)
+    mine = shard_batches(len(batches), shards)[shard]
+    teacher = load_teacher(teacher_dir, threads)
+    ph, cache = cache_dir(teacher, out)
+    computed = reused = 0
+    prog = Progress(log, f"label shard {shard + 1}/{shards}", sum(len(batches[i]) for i in mine), "images")
+    done = 0
+    for i in mine:
+        f = cache / f"{batch_key(batches[i])}.jsonl"
+        if f.exists():
+            read_cache_entry(f, batches[i], teacher.fingerprint, ph)  # a foreign or cut entry stops here too
+            reused += 1
+        else:
+            _compute(teacher, batches[i], ph, max_reason_tokens, top_k, f)
+            computed += 1
+        done += len(batches[i])
+        prog.update(done, cached_batches=reused)
+    return {"shard": shard, "batches": [mine.start, mine.stop], "computed": computed, "reused": reused,
+            "images": done, "seconds": round(time.perf_counter() - t0, 2), "cache": str(cache)}
+
+
 def _parse_error(schema: Any, pr: dict[str, Any]) -> str | None:
     """Why a prediction's answer does not read back through the strict parser (None: it does)."""
     if pr.get("raw_error"):
@@ -103,33 +175,23 @@ def run(cfg: LabelConfig, max_reason_tokens: int, top_k: int, threads: int, teac
     from edgeqa.teacher.local import load_teacher
 
     t0 = time.perf_counter()
-    df = pd.read_parquet(manifest)
-    pool = df[df.split.isin(cfg.pools)].reset_index(drop=True)
-    if pool.empty:
-        raise StageError(f"label: no images in the pools {cfg.pools} of {manifest}")
+    pool, batches = plan(cfg, manifest)
     teacher = load_teacher(teacher_dir, threads)
-    schema = teacher.schema()
-    ph = prompt_hash(PROMPT + STRICT_PROMPT + repr(schema.options()))
-    cache = out / "cache" / f"{teacher.fingerprint}-{ph}"
-    cache.mkdir(parents=True, exist_ok=True)
+    ph, cache = cache_dir(teacher, out)
     bs = cfg.batch_size
-    batches = [pool.iloc[i:i + bs] for i in range(0, len(pool), bs)]
     reused = computed = 0
     t_pred = 0.0
     prog = Progress(log, "label", len(pool), "images")
     records: list[str] = []
     for b in batches:
-        key = hashlib.sha256("".join(b.sha256).encode()).hexdigest()[:20]
-        f = cache / f"{key}.jsonl"
+        f = cache / f"{batch_key(b)}.jsonl"
         if f.exists():
             records += read_cache_entry(f, b, teacher.fingerprint, ph)
             reused += 1
         else:
             t1 = time.perf_counter()
-            lines = [json.dumps(r, sort_keys=True) for r in answer_records(teacher, b, ph, max_reason_tokens, top_k)]
+            records += _compute(teacher, b, ph, max_reason_tokens, top_k, f)
             t_pred += time.perf_counter() - t1
-            atomic_write_text(f, "\n".join(lines) + "\n")
-            records += lines
             computed += 1
         prog.update(len(records), cached_batches=reused)
     atomic_write_text(out / "labels.jsonl", "\n".join(records) + "\n")
