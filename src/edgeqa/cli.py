@@ -102,8 +102,14 @@ def up() -> None:
         stack.configure_dvc(project_root())
     except StackError as exc:
         _fail(str(exc))
-    deploy_release(stack, project_root())
-    deploy_nightly(stack, project_root())
+    if stack.cfg.external("prefect"):
+        # the local deployments run from this checkout's path, which an external pool's workers cannot see
+        console.print(f"Prefect at {stack.cfg.prefect_api_url} is external: apply its deployments from prefect.yaml "
+                      f"(`prefect deploy --all`, EDGEQA_GIT_URL set) for the pool {stack.cfg.work_pool}",
+                      highlight=False)
+    else:
+        deploy_release(stack, project_root())
+        deploy_nightly(stack, project_root())
     _print_status(status)
 
 

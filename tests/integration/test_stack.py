@@ -1,14 +1,16 @@
 """The real local stack (SeaweedFS + Prefect server) started once per session on free loopback ports."""
 
 import json
+import os
 import subprocess
+import sys
 
 import psutil
 import pytest
 
 from edgeqa.stack import Credentials, Stack, StackConfig, StackError, free_port
 
-from ..conftest import REPO
+from ..conftest import REPO, copy_repo
 
 pytestmark = pytest.mark.integration
 
@@ -160,6 +162,17 @@ def test_up_against_external_servers_starts_nothing(stack, tmp_path):
     assert not (tmp_path / "state" / "credentials.json").exists(), "external keys are never written to a file"
     ext.down()  # stops nothing it did not start
     assert stack.healthy("s3") and stack.healthy("prefect")
+    # `edgeqa up` as a user runs it against them: no process, the DVC remote pointed there, no local-path
+    # deployment applied to an external pool (its workers cannot see this checkout)
+    repo = copy_repo(tmp_path / "repo")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("EDGEQA_", "AWS_", "PREFECT_"))}
+    r = subprocess.run([sys.executable, "-m", "edgeqa.cli", "--project", str(repo), "up"], capture_output=True,
+                       text=True, env={**clean, **env, "COLUMNS": "200"}, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "is external: apply its deployments from prefect.yaml" in r.stdout and "external: healthy" in r.stdout
+    assert c.secret_key not in r.stdout + r.stderr
+    assert not list((tmp_path / "state" / "run").glob("*.pid")), "nothing started"
+    assert f"endpointurl = {stack.cfg.s3_endpoint}" in (repo / ".dvc" / "config.local").read_text()
     dead = Stack(StackConfig.load(REPO, env={**env, "EDGEQA_S3_ENDPOINT": f"http://127.0.0.1:{free_port()}"}))
     with pytest.raises(StackError, match=r"the external S3 at http://127\.0\.0\.1:\d+ \(EDGEQA_S3_ENDPOINT\) "
                                          r"does not answer; edgeqa starts nothing for it"):
