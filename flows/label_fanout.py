@@ -15,6 +15,7 @@ pins MKL, ATen and oneDNN to their AVX2 kernels in the workers, as the README ex
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -34,17 +35,22 @@ PINNED_KERNELS = {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX
 
 @task(name="label-shard", task_run_name="label-shard-{shard}", cache_policy=NO_CACHE)
 def label_shard(params_file: str, teacher_dir: str, manifest: str, out: str, shard: int, shards: int,
-                threads: int) -> dict[str, Any]:
+                threads: int, cwd: str) -> dict[str, Any]:
     p = load_params(Path(params_file))
-    return label.fill(p.label, p.teacher.max_reason_tokens, p.teacher.top_k, threads, Path(teacher_dir),
-                      Path(manifest), Path(out), shard, shards)
+    # in the project folder, as the stage runs: the teacher names its base LM relative to it. A worker runs
+    # one task at a time (one thread), so the change of folder is this task's alone.
+    with contextlib.chdir(cwd):
+        return label.fill(p.label, p.teacher.max_reason_tokens, p.teacher.top_k, threads, Path(teacher_dir),
+                          Path(manifest), Path(out), shard, shards)
 
 
 @flow(name="edgeqa-label-cache", log_prints=True)
 def fill_label_cache(params_file: str, teacher_dir: str, manifest: str, out: str, shards: int,
-                     threads: int = 1) -> list[dict[str, Any]]:
-    """One `label-shard` task per shard on this flow's task runner (the caller gives it a DaskTaskRunner)."""
-    futures = [label_shard.submit(params_file, teacher_dir, manifest, out, i, shards, threads)
+                     threads: int = 1, cwd: str | None = None) -> list[dict[str, Any]]:
+    """One `label-shard` task per shard on this flow's task runner (the caller gives it a DaskTaskRunner);
+    relative paths are read from `cwd` (default: this process's folder)."""
+    here = cwd or os.getcwd()
+    futures = [label_shard.submit(params_file, teacher_dir, manifest, out, i, shards, threads, here)
                for i in range(shards)]
     return [f.result() for f in futures]
 
@@ -75,13 +81,14 @@ def worker_environ(pin_kernels: bool = True) -> dict[str, Any]:
 
 
 def fill_with_dask(params_file: str, teacher_dir: str, manifest: str, out: str, workers: int,
-                   address: str | None = None, pin_kernels: bool = True) -> list[dict[str, Any]]:
+                   address: str | None = None, pin_kernels: bool = True, cwd: str | None = None
+                   ) -> list[dict[str, Any]]:
     """`fill_label_cache` with `workers` shards on a Dask task runner (a local cluster unless `address`)."""
     import dask
 
     with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ(pin_kernels)}):
         return fill_label_cache.with_options(task_runner=dask_runner(workers, address))(
-            params_file, teacher_dir, manifest, out, shards=workers, threads=1)
+            params_file, teacher_dir, manifest, out, shards=workers, threads=1, cwd=cwd)
 
 
 def _stale_upstream(repo: Path) -> list[str]:
@@ -113,7 +120,7 @@ def label_fanout(repo: str = ".", workers: int = 2, address: str | None = None, 
     args = {"params_file": str(root / "params.yaml"), "teacher_dir": str(root / paths.model_dir("teacher")),
             "manifest": str(root / paths.ingest_dir / "manifest.parquet"), "out": str(root / paths.labels_dir)}
     with pipeline_slot(p.ops.lock_wait_s):  # never beside a pipeline run on the same DVC lock and outputs
-        shards = fill_with_dask(**args, workers=workers, address=address, pin_kernels=pin_kernels)
+        shards = fill_with_dask(**args, workers=workers, address=address, pin_kernels=pin_kernels, cwd=str(root))
         create_table_artifact(key="label-fanout-shards", table=[{k: v for k, v in s.items() if k != "cache"}
                                                                 for s in shards],
                               description=f"label cache filled by {workers} Dask workers ({LIMIT} held)")

@@ -94,8 +94,6 @@ def test_the_fanout_flow_assembles_through_dvc_and_refuses_a_stale_teacher(tiny_
     """On a reproduced tiny project: the flow's workers find every batch cached, `dvc repro -s label` leaves
     the stage as DVC recorded it, and a changed teacher param (teacher_sft stale) stops the flow before any
     worker starts, naming the stage."""
-    from dvc.repo import Repo
-
     from flows.label_fanout import label_fanout
 
     repo = tmp_path / "repo"
@@ -105,8 +103,9 @@ def test_the_fanout_flow_assembles_through_dvc_and_refuses_a_stale_teacher(tiny_
     res = label_fanout(repo=str(repo), workers=2)
     assert sum(s["computed"] for s in res["shards"]) == 0
     assert sum(s["reused"] for s in res["shards"]) == cached
-    with Repo(str(repo)) as r:
-        assert r.status(targets=["label"], with_deps=True) == {}, "label and its upstream are as DVC recorded"
+    st = subprocess.run(["dvc", "status", "--json", "--with-deps", "label"], cwd=repo, capture_output=True,
+                        text=True, check=True)
+    assert json.loads(st.stdout or "{}") == {}, f"label and its upstream are as DVC recorded: {st.stdout}"
 
     profiles.set_keys({"teacher.seed": 1}, repo / "params.yaml", "the test")
     state = label_fanout(repo=str(repo), workers=2, return_state=True)
