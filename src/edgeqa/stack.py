@@ -572,8 +572,10 @@ class Stack:
         env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
         for key, val in (("endpointurl", self.cfg.s3_endpoint), ("access_key_id", c.access_key),
                          ("secret_access_key", c.secret_key), ("url", f"s3://{self.cfg.buckets['dvc']}/cache")):
-            r = subprocess.run([_bin("dvc"), "remote", "modify", "--local", "store", key, val], cwd=repo, env=env,
-                               capture_output=True, text=True)
+            # `--`: a value may begin with "-" (a generated secret does about once in 64), which argparse would
+            # otherwise read as an option ("unrecognized arguments")
+            r = subprocess.run([_bin("dvc"), "remote", "modify", "--local", "store", key, "--", val], cwd=repo,
+                               env=env, capture_output=True, text=True)
             if r.returncode != 0:
                 raise StackError(f"dvc remote modify store {key} failed in {repo}: "
                                  f"{r.stderr.replace(c.secret_key, '***').strip()}")
