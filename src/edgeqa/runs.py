@@ -10,6 +10,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -126,7 +127,8 @@ def exp_save(root: Path) -> tuple[str, str]:
     if not status:  # the run changed no tracked file (dvc.lock and params.yaml as committed): HEAD is the run
         return "HEAD", commit_of(root)
     before = exps()
-    name = f"run-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
+    # a random tail: two runs saved within one second (the unit test does) must not collide on the name
+    name = f"run-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
     r = subprocess.run([sys.executable, "-m", "dvc", "exp", "save", "-n", name, "-m", "edgeqa run, as released"],
                        cwd=root, env=env, capture_output=True, text=True)
     if r.returncode != 0:
