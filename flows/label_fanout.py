@@ -28,9 +28,7 @@ from prefect.cache_policies import NO_CACHE
 
 from edgeqa.config import load_params
 from edgeqa.teacher import label
-
-# the kernels every process uses when answers must be bit-identical across processes (README, `label`)
-PINNED_KERNELS = {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+from flows.pipeline import LIMIT, _dvc_env, pipeline_slot, run_stage, stage_plan
 
 
 @task(name="label-shard", task_run_name="label-shard-{shard}", cache_policy=NO_CACHE)
@@ -76,7 +74,7 @@ def worker_environ(pin_kernels: bool = True) -> dict[str, Any]:
     env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
     env.update({"OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1, "HF_HUB_OFFLINE": "1"})
     if pin_kernels:
-        env.update(PINNED_KERNELS)
+        env.update(label.PINNED_KERNELS)
     return env
 
 
@@ -94,7 +92,7 @@ def fill_with_dask(params_file: str, teacher_dir: str, manifest: str, out: str, 
 def _stale_upstream(repo: Path) -> list[str]:
     """Stages `label` depends on that DVC would rerun (their outputs would change the teacher or the data)."""
     r = subprocess.run(["dvc", "status", "--json", "--with-deps", "label"], cwd=repo, capture_output=True,
-                       text=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+                       text=True, env=_dvc_env())
     if r.returncode != 0:
         raise RuntimeError(f"dvc status label in {repo} failed: {r.stderr.strip()[-1500:]}")
     stale = json.loads(r.stdout or "{}")
@@ -105,8 +103,6 @@ def _stale_upstream(repo: Path) -> list[str]:
 def label_fanout(repo: str = ".", workers: int = 2, address: str | None = None, pin_kernels: bool = True,
                  assemble: bool = True) -> dict[str, Any]:
     """Fill `label`'s cache over `workers` Dask workers, then `dvc repro -s label` assembles the output."""
-    from flows.pipeline import LIMIT, pipeline_slot
-
     logger = get_run_logger()
     root = Path(repo).resolve()
     if workers < 1:
@@ -126,15 +122,7 @@ def label_fanout(repo: str = ".", workers: int = 2, address: str | None = None, 
                               description=f"label cache filled by {workers} Dask workers ({LIMIT} held)")
         logger.info("shards: %s", shards)
         result: dict[str, Any] = {"shards": shards}
-        if assemble:
-            r = subprocess.run(["dvc", "repro", "-s", "label"], cwd=root, capture_output=True, text=True,
-                               env={**os.environ, "DVC_NO_ANALYTICS": "1"})
-            for line in (r.stdout + r.stderr).splitlines()[-15:]:
-                if line.strip():
-                    logger.info("dvc | %s", line)
-            if r.returncode != 0:
-                raise RuntimeError(f"dvc repro -s label failed (exit {r.returncode}): {r.stderr.strip()[-1500:]}")
-            metrics = root / paths.reports_dir / "label" / "metrics.json"
-            if metrics.exists():
-                result["label"] = json.loads(metrics.read_text())
+        if assemble:  # the pipeline's own stage task: log streamed, report and metrics published as artifacts
+            files = dict(stage_plan(root, "label"))["label"]
+            result["label"] = run_stage("label", str(root), files)["metrics"]
     return result

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 
 from edgeqa.config import profiles
-from edgeqa.teacher.label import shard_batches
-from flows.label_fanout import PINNED_KERNELS, fill_with_dask
+from edgeqa.teacher.label import PINNED_KERNELS, shard_batches
+from flows.label_fanout import fill_with_dask
 
 from ..conftest import REPO
 

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
+from edgeqa.teacher.label import PINNED_KERNELS
 from edgeqa.teacher.local import LocalTeacher, TeacherMeta
 from edgeqa.vlm.model import Projector
 from edgeqa_runtime.schema import AnswerSchema
@@ -71,11 +72,9 @@ def _label_cmd(params_file, teacher, manifest, out):
             "--manifest", str(manifest), "--out", str(out)]
 
 
-# The CPU math libraries pick their kernels (AVX-512 or AVX2) per process from the CPU they see; different
-# kernels round differently (1e-6 in the LM's logits, enough to flip a near-tie greedy token). CI once gave
-# two processes different results, most likely this way. Pinning the kernels makes separate processes
-# bit-reproducible (measured here: AVX2 and AVX-512 logits differ; repeated pinned runs are identical).
-PINNED_KERNELS = {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+# CI once gave two processes different results, most likely through different CPU kernels; pinned kernels
+# (edgeqa.teacher.label.PINNED_KERNELS) make separate processes bit-reproducible (measured here: AVX2 and
+# AVX-512 logits differ; repeated pinned runs are identical).
 
 
 def test_label_resumes_after_sigkill(tiny_teacher, tiny_manifest, tmp_path):

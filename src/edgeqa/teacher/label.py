@@ -32,6 +32,11 @@ from edgeqa_runtime.schema import PROMPT, STRICT_PROMPT, Answer, AnswerParseErro
 
 log = logging.getLogger("edgeqa.label")
 
+# The CPU math libraries pick AVX-512 or AVX2 kernels per process, and they round differently (1e-6 in the LM's
+# logits, enough to flip a near-tie greedy token). These pin them, so separate processes (a resumed run, the
+# fan-out's workers) give bit-identical answers; it costs about 30 % of LM speed, so it is not the default.
+PINNED_KERNELS = {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
 
 def prompt_hash(layout_text: str) -> str:
     return hashlib.sha256(layout_text.encode()).hexdigest()[:16]
