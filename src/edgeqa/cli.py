@@ -778,6 +778,54 @@ def feedback_push(log: Annotated[Path, typer.Argument(help="the prediction log (
 
 
 @app.command()
+def review(src: Annotated[Path, typer.Argument(metavar="CSV_OR_FOLDER", help="a CSV (image, verdict, defect_type"
+                                               "[, category, note]) or a folder SRC/<class>/*.png")],
+           category: Annotated[str | None, typer.Option(help="the category of every image (default: the CSV's "
+                                                        "column, or the dataset's only category)")] = None,
+           reviewer: Annotated[str | None, typer.Option(help="who reviewed (default: $EDGEQA_REVIEWER, then the "
+                                                        "login name)")] = None,
+           push: Annotated[bool, typer.Option(help="push the batch to the DVC remote (a nightly checkout pulls "
+                                              "it from there)")] = True,
+           commit: Annotated[bool, typer.Option(help="git commit the batch's .dvc file (only that)")] = True
+           ) -> None:
+    """Add human verdicts on images from the line to the `labelled` pool as a new DVC data version: one batch
+    under ingest.reviews (dvc add, dvc push, git commit of its .dvc file). Every image is checked first (decodes,
+    mode and size, verdict, type, category, not already in the dataset or an earlier review); on any problem
+    nothing is written. The next `dvc repro` (or nightly run) ingests the batch into `labelled`; no existing
+    image changes split."""
+    from edgeqa.config import ParamsError, load_params
+    from edgeqa.data import review as rv
+    from edgeqa.errors import StageError
+
+    root = project_root()
+    try:
+        params = load_params(root / "params.yaml")
+    except ParamsError as exc:
+        _fail(str(exc))
+        raise
+    if not params.ingest.reviews:
+        _fail("ingest.reviews is not set in params.yaml: name the folder review batches go to (data/reviews)")
+    reviews = root / str(params.ingest.reviews)
+    if push:
+        _stack_up()  # the DVC remote is the stack's S3 (or the external one)
+    try:
+        res = rv.add(src, params.ingest, reviews, root / params.paths.ingest_dir / "manifest.parquet", reviewer,
+                     category)
+        console.print(f"review batch {res['batch']}: {res['images']} images ({res['good']} good, "
+                      f"{res['defective']} defective) -> {res['path']}", highlight=False)
+        t = rv.track(root, res["path"], push=push, commit=commit,
+                     message=f"review {res['batch']}: {res['images']} verdicts ({res['good']} good, "
+                             f"{res['defective']} defective) for {params.ingest.dataset}")
+    except StageError as exc:
+        _fail(str(exc))
+        raise
+    console.print(f"tracked as {t['dvc_file']}" + (", pushed to the DVC remote" if t["pushed"] else "")
+                  + (f", committed {t['commit'][:12]}" if t["commit"] else
+                     f"; commit it: git add {t['dvc_file']} && git commit"), highlight=False)
+    console.print("the next `dvc repro` (or nightly run) adds it to the labelled split", highlight=False)
+
+
+@app.command()
 def drift(device: Annotated[str | None, typer.Option(help="only this device's logs (default: all)")] = None
           ) -> None:
     """Check the prediction logs the line pushed (feedback/) for drift against what the released model

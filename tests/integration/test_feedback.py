@@ -3,6 +3,7 @@ feedback/<device>/ content-addressed (a second push of the same log stores nothi
 a bad line refused by its line number with nothing uploaded."""
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -109,3 +110,80 @@ def test_the_loop_back_predict_push_and_drift_with_a_notification(tiny_repo, tmp
         assert "unseen_size_share" in got[0]["body"]
     finally:
         CustomWebhookNotificationBlock.delete("edgeqa-notify")
+
+
+@pytest.mark.slow
+def test_the_loop_closes_review_into_labelled_then_retrain(tiny_repo, tmp_path, stack, cli):
+    """After predict, push and drift: a reviewer's verdicts on new images from the line become a new DVC data
+    version (`edgeqa review`: dvc add, push to the S3 remote, a git commit of its .dvc file alone). A fresh clone
+    pulls the batch from S3, as a nightly checkout does. `dvc repro baseline` then ingests it into `labelled`
+    (no dataset image moves) and retrains on it. A test image offered for review is refused (it would leak)."""
+    import shutil
+    import subprocess
+
+    import pandas as pd
+
+    work = tmp_path / "work"  # the reproduced tiny project, its DVC cache shared (read) with the session's
+    shutil.copytree(tiny_repo, work, symlinks=True,
+                    ignore=lambda d, names: ["cache", "tmp"] if Path(d) == tiny_repo / ".dvc" else [])
+    dvc = ["dvc"]
+
+    def run(*cmd, cwd=work):
+        r = subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True)
+        assert r.returncode == 0, f"{' '.join(cmd)}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        return r.stdout
+
+    run(*dvc, "cache", "dir", "--local", str(tiny_repo / ".dvc" / "cache"))
+    run("git", "add", "-A")
+    run("git", "-c", "user.email=t@example.invalid", "-c", "user.name=t", "commit", "-qm", "reproduced")
+    assert "Data and pipelines are up to date" in run(*dvc, "status", "baseline")
+    before = pd.read_parquet(work / "data" / "ingest" / "manifest.parquet")
+    base_before = json.loads((work / "reports" / "baseline" / "metrics.json").read_text())
+
+    # the line's new images: test scenes seen mirrored (new content), verdicts from the reviewer (the truth)
+    line = tmp_path / "line"
+    line.mkdir()
+    rows = ["image,verdict,defect_type,category,note"]
+    test = before[before.split == "test"].head(6)
+    for i, r in enumerate(test.itertuples()):
+        with Image.open(work / r.path) as im:
+            im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(line / f"{i:03d}.png")
+        rows.append(f"{i:03d}.png,{r.label},{'' if pd.isna(r.defect_type) else r.defect_type},{r.category},"
+                    "uncertain on the line")
+    (line / "verdicts.csv").write_text("\n".join(rows) + "\n")
+    leak = line / "leak.csv"
+    leak.write_text(f"image,verdict,category\n{work / test.path.iloc[0]},{test.label.iloc[0]},"
+                    f"{test.category.iloc[0]}\n")
+    out = " ".join(cli(work, "review", str(leak), "--reviewer", "qa-anna", code=2).split())
+    assert "(split test)" in out and "nothing was written" in out, out
+
+    head = run("git", "rev-parse", "HEAD").strip()
+    out = " ".join(cli(work, "review", str(line / "verdicts.csv"), "--reviewer", "qa-anna").split())
+    assert "6 images" in out and "pushed to the DVC remote" in out and "committed" in out, out
+    dvc_files = list((work / "data" / "reviews").glob("*.dvc"))
+    assert len(dvc_files) == 1
+    batch = dvc_files[0].stem
+    assert run("git", "rev-parse", "HEAD~1").strip() == head  # one commit, holding the .dvc file and .gitignore
+    assert sorted(run("git", "show", "--name-only", "--format=", "HEAD").split()) == sorted(
+        [f"data/reviews/{batch}.dvc", "data/reviews/.gitignore"])
+    assert "review" in run("git", "log", "-1", "--format=%s")
+
+    # a fresh clone (what a nightly checkout is) pulls the batch from the S3 remote
+    clone = tmp_path / "clone"
+    run("git", "clone", "-q", str(work), str(clone), cwd=tmp_path)
+    stack.configure_dvc(clone)
+    run(*dvc, "pull", f"data/reviews/{batch}.dvc", cwd=clone)
+    assert len(list((clone / "data" / "reviews" / batch / "images").iterdir())) == 6
+
+    # retrain: ingest adds the batch to labelled, nothing moves, baseline trains on more human answers
+    assert "changed deps" in run(*dvc, "status", "ingest")
+    run(*dvc, "repro", "baseline")
+    after = pd.read_parquet(work / "data" / "ingest" / "manifest.parquet")
+    old = after[after.source == "dataset"].set_index("relpath").split
+    assert old.equals(before.set_index("relpath").split.loc[old.index]) and len(old) == len(before)
+    new = after[after.source == "review"]
+    assert len(new) == 6 and set(new.split) == {"labelled"}
+    assert (new.relpath.str.split("/").str[1] == batch).all()
+    base_after = json.loads((work / "reports" / "baseline" / "metrics.json").read_text())
+    human = base_after["examples_by_source"]["human"] - base_before["examples_by_source"]["human"]
+    assert human >= 6, (base_before["examples_by_source"], base_after["examples_by_source"])

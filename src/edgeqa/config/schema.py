@@ -123,6 +123,7 @@ class MaskFactsConfig(_Section):
 class IngestConfig(_Section):
     adapter: Literal["mvtec", "magnetic_tile", "folder"]
     root: str
+    reviews: str | None = None  # edgeqa review batches, added to the labelled split (None: none)
     dataset: str = Field(pattern=r"^[a-z][a-z0-9_-]*$")
     defect_types: list[str] | None = None
     good_class: str = "good"

@@ -9,6 +9,10 @@ Every problem found (unknown class folder, unpaired mask, missing mask, corrupt 
 is collected and reported by file; the manifest is written only when there are none.
 Splits are fixed: within each (category, class), images are ordered by sha1 of their path relative to the
 dataset root and cut at the configured fractions.
+
+Reviewed images (`edgeqa review` batches under `ingest.reviews`, see edgeqa.data.review) are added after the
+cut, always to `labelled`, with `source` = review; the dataset's own images keep their splits. A reviewed
+image whose content is already in the dataset is left out (the dataset's answer and split stand) and counted.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from edgeqa.errors import StageError
 from edgeqa.io import atomic_write_bytes, atomic_write_text, sha256_file, write_json
 from edgeqa.report import md_table
 from edgeqa.config import SPLITS, IngestConfig, load_params
-from edgeqa.data.manifest import COLUMNS, MASK_FACT_COLUMNS
+from edgeqa.data.manifest import COLUMNS, MASK_FACT_COLUMNS, REVIEW_FILE, REVIEW_IMAGES
 from edgeqa.data.maskfacts import mask_facts, reference_reason
 
 log = logging.getLogger("edgeqa.ingest")
@@ -54,6 +58,8 @@ class IngestReport:
     has_types: bool
     seconds: float
     per_split: dict[str, int]
+    reviewed: int = 0
+    reviewed_duplicates: int = 0
 
 
 class _Errors(list[str]):
@@ -195,6 +201,60 @@ def scan_folder(root: Path, cfg: IngestConfig, errors: _Errors) -> list[Sample]:
 ADAPTERS = {"mvtec": scan_mvtec, "magnetic_tile": scan_magnetic_tile, "folder": scan_folder}
 
 
+def review_batches(reviews: Path) -> list[Path]:
+    """The review batch folders under `reviews`, oldest first (batch names start with their UTC time)."""
+    return sorted(p for p in _subdirs(reviews) if (p / REVIEW_FILE).is_file()) if reviews.is_dir() else []
+
+
+def scan_reviews(reviews: Path, cfg: IngestConfig, errors: _Errors) -> list[Sample]:
+    """The reviewed images of this dataset (`dataset` column == ingest.dataset), as samples with relpath
+    `reviews/<batch>/<file>`. A batch's image must still hash to what the review recorded."""
+    samples: list[Sample] = []
+    if not reviews.is_dir():
+        return samples
+    for dvc_file in sorted(reviews.glob("*.dvc")):
+        if not (reviews / dvc_file.stem).is_dir():
+            errors.add(dvc_file, f"review batch {dvc_file.stem} is tracked but not in the workspace; "
+                                 f"`dvc pull {dvc_file}` fetches it")
+    for batch in review_batches(reviews):
+        table = batch / REVIEW_FILE
+        try:
+            df = pd.read_csv(table, dtype=str, keep_default_na=False)
+        except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+            errors.add(table, f"unreadable review table ({exc})")
+            continue
+        missing = {"file", "sha256", "dataset", "category", "verdict", "defect_type"} - set(df.columns)
+        if missing:
+            errors.add(table, f"review table without the columns {sorted(missing)}")
+            continue
+        for i, r in enumerate(df.itertuples(index=False), start=2):  # line 1 is the header
+            if r.dataset != cfg.dataset:
+                continue
+            where = f"{table} line {i}"
+            path = batch / REVIEW_IMAGES / r.file
+            if not path.is_file():
+                errors.add(where, f"reviewed image {path} is missing")
+                continue
+            if sha256_file(path) != r.sha256:
+                errors.add(path, f"content differs from the sha256 its review recorded ({where}); a reviewed "
+                                 "image is never edited: review the new image again")
+                continue
+            if r.verdict == "good":
+                label, dtype = "good", ""
+            elif r.verdict == "defective":
+                label, dtype = "defective", r.defect_type
+                if cfg.defect_types is not None and dtype not in cfg.defect_types:
+                    errors.add(where, f"defect_type {dtype!r} is not one of ingest.defect_types {cfg.defect_types}")
+                    continue
+                if cfg.defect_types is None:
+                    dtype = ""
+            else:
+                errors.add(where, f"verdict {r.verdict!r}; allowed: good, defective")
+                continue
+            samples.append(Sample(path, f"reviews/{batch.name}/{r.file}", r.category, dtype, label, None))
+    return samples
+
+
 def _open_checked(path: Path, cfg: IngestConfig, errors: _Errors) -> Image.Image | None:
     try:
         with Image.open(path) as im:
@@ -282,6 +342,11 @@ def run(cfg: IngestConfig, root: Path, out: Path, metrics: Path | None = None,
     errors = _Errors()
     samples = ADAPTERS[cfg.adapter](root, cfg, errors)
     rows = [r for s in samples if (r := _row(s, root, cfg, errors)) is not None]
+    reviews = Path(cfg.reviews) if cfg.reviews else None
+    if reviews is not None and not reviews.is_dir():
+        log.info("ingest.reviews: %s does not exist; no reviewed images", reviews)
+    rev_rows = [r for s in (scan_reviews(reviews, cfg, errors) if reviews else [])
+                if (r := _row(s, root, cfg, errors)) is not None]
     if errors:
         shown = "\n".join(f"  {e}" for e in errors[:MAX_ERRORS_SHOWN])
         more = f"\n  ... and {len(errors) - MAX_ERRORS_SHOWN} more" if len(errors) > MAX_ERRORS_SHOWN else ""
@@ -291,6 +356,18 @@ def run(cfg: IngestConfig, root: Path, out: Path, metrics: Path | None = None,
         raise StageError(f"ingest: no images with extensions {cfg.image_exts} under {root}")
     df = pd.DataFrame(rows, columns=list(COLUMNS)).astype(COLUMNS)
     df["split"] = assign_splits(df, cfg.splits, cfg.split_seed).astype("string")
+    df["source"] = pd.Series("dataset", index=df.index, dtype="string")
+    known = set(df["sha256"])
+    fresh = [r for r in rev_rows if r["sha256"] not in known]
+    dups = len(rev_rows) - len(fresh)
+    if dups:
+        log.warning("ingest: %d reviewed image(s) are already in the dataset; their dataset answers and splits "
+                    "stand", dups)
+    if fresh:  # after the cut: the dataset's own images never move
+        rev = pd.DataFrame(fresh, columns=list(COLUMNS)).astype(COLUMNS)
+        rev["split"], rev["source"] = "labelled", "review"
+        rev = rev.drop_duplicates("sha256", keep="last")  # the latest review of the same image wins
+        df = pd.concat([df, rev.astype(COLUMNS)], ignore_index=True)
     df = df.sort_values(["category", "label", "defect_type", "relpath"], na_position="first").reset_index(drop=True)
     has_masks = bool(df["mask_path"].notna().any())
     has_types = bool(df["defect_type"].notna().any())
@@ -303,10 +380,12 @@ def run(cfg: IngestConfig, root: Path, out: Path, metrics: Path | None = None,
     dt = time.perf_counter() - t0
     per_split = {s: int((df["split"] == s).sum()) for s in SPLITS}
     rep = IngestReport(images=len(df), defective=int((df["label"] == "defective").sum()), has_masks=has_masks,
-                       has_types=has_types, seconds=round(dt, 3), per_split=per_split)
+                       has_types=has_types, seconds=round(dt, 3), per_split=per_split,
+                       reviewed=int((df["source"] == "review").sum()), reviewed_duplicates=dups)
     if metrics:
         write_json(metrics, {"images": rep.images, "defective": rep.defective, "has_masks": has_masks,
-                             "empty_masks": empty_masks,
+                             "empty_masks": empty_masks, "reviewed": rep.reviewed,
+                             "reviewed_duplicates": rep.reviewed_duplicates,
                              "has_types": has_types, "seconds": rep.seconds,
                              **{f"split_{k}": v for k, v in per_split.items()}})
     if report:
@@ -315,6 +394,10 @@ def run(cfg: IngestConfig, root: Path, out: Path, metrics: Path | None = None,
         rows_md = [[c, k, *map(int, vals)] for (c, k), vals in zip(table.index, table.values)]
         example = df[df["label"] == "defective"].head(1)
         ex = f"\n\nExample reference reason: _{example['reason'].iloc[0]}_\n" if len(example) else "\n"
+        if rep.reviewed or rep.reviewed_duplicates:
+            ex += (f"\n{rep.reviewed} reviewed images (`edgeqa review`, {reviews}) are in `labelled`, counted "
+                   f"in the table; {rep.reviewed_duplicates} reviewed images already in the dataset were left "
+                   "out.\n")
         atomic_write_text(report, f"# ingest\n\n{rep.images} images ({rep.defective} defective) from `{root}` "
                                   f"({cfg.adapter} adapter) in {rep.seconds:.1f} s. Masks: "
                                   f"{'yes' if has_masks else 'no (mask metrics n/a)'}; defect types: "

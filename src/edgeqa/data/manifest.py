@@ -26,6 +26,7 @@ COLUMNS: dict[str, str] = {
     "height": "Int64",
     "mode": "string",
     "split": "string",
+    "source": "string",  # dataset (ingest.root, split by the fixed cut) | review (edgeqa review: always labelled)
     "bbox_x0": "Int64",
     "bbox_y0": "Int64",
     "bbox_x1": "Int64",
@@ -41,10 +42,18 @@ COLUMNS: dict[str, str] = {
     "reason": "string",
 }
 REQUIRED = ("sha256", "path", "relpath", "dataset", "category", "label", "width", "height", "mode", "split",
-            "reason")
+            "source", "reason")
+SOURCES = ("dataset", "review")
 MASK_FACT_COLUMNS = ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1", "area_frac", "location", "size_class",
                      "n_regions", "elongation", "shape", "orientation", "polarity")
 LABELS = ("good", "defective")
+
+# A review batch (`edgeqa review`): <ingest.reviews>/<batch>/verdicts.csv + images/<sha256[:16]><ext>, one
+# DVC-tracked folder per batch (<batch>.dvc beside it). Ingest adds its rows to the labelled split.
+REVIEW_FILE = "verdicts.csv"
+REVIEW_IMAGES = "images"
+REVIEW_COLUMNS = ("file", "sha256", "dataset", "category", "verdict", "defect_type", "reviewer", "reviewed_at",
+                  "origin", "note")
 
 
 def reference_answer(row: Mapping[str, Any]) -> Answer:

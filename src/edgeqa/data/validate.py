@@ -27,7 +27,7 @@ from edgeqa.errors import StageError
 from edgeqa.io import atomic_write_text, write_json
 from edgeqa.report import md_table
 from edgeqa.config import GRID_WORDS, SPLITS, IngestConfig, ValidateConfig, load_params
-from edgeqa.data.manifest import COLUMNS, LABELS, REQUIRED
+from edgeqa.data.manifest import COLUMNS, LABELS, REQUIRED, SOURCES
 
 log = logging.getLogger("edgeqa.validate")
 
@@ -85,7 +85,10 @@ def decode_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def split_count_table(df: pd.DataFrame, fractions: dict[str, float]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(per category/class/split counts incl. zeros, per split fraction deviation)."""
+    """(per category/class/split counts incl. zeros, per split fraction deviation) of the dataset's fixed cut:
+    reviewed images (source review), which only ever join `labelled`, are not part of it."""
+    if "source" in df:
+        df = df[df["source"] != "review"]
     cls = df["defect_type"].fillna(df["label"]).astype(str)
     keys = sorted(set(zip(df["category"].astype(str), cls)))
     counts = df.assign(cls=cls).groupby(["category", "cls", "split"]).size()
@@ -114,6 +117,10 @@ def build_suites(df: pd.DataFrame, ingest: IngestConfig, cfg: ValidateConfig) ->
         *[gxe.ExpectColumnValuesToNotBeNull(column=c) for c in REQUIRED],
         gxe.ExpectColumnValuesToBeInSet(column="label", value_set=list(LABELS)),
         gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
+        gxe.ExpectColumnValuesToBeInSet(column="source", value_set=list(SOURCES)),
+        # a reviewed image only ever joins the training pool; val and test stay the dataset's fixed cut
+        gxe.ExpectColumnValuesToBeInSet(column="split", value_set=["labelled"],
+                                        row_condition=Column("source") == "review"),
         gxe.ExpectColumnValuesToBeInSet(column="mode", value_set=list(ingest.allowed_modes)),
         gxe.ExpectColumnValuesToBeInSet(column="dataset", value_set=[ingest.dataset]),
         gxe.ExpectColumnValuesToBeBetween(column="width", min_value=ingest.min_side, max_value=ingest.max_side),
@@ -131,8 +138,9 @@ def build_suites(df: pd.DataFrame, ingest: IngestConfig, cfg: ValidateConfig) ->
             gxe.ExpectColumnValuesToBeInSet(column="defect_type", value_set=list(ingest.defect_types)),
             gxe.ExpectColumnValuesToNotBeNull(column="defect_type", row_condition=is_defective),
         ]
-    if df["mask_path"].notna().any():  # a dataset with masks: every defective image has one
-        m.append(gxe.ExpectColumnValuesToNotBeNull(column="mask_path", row_condition=is_defective))
+    if df["mask_path"].notna().any():  # a dataset with masks: every defective image has one (a reviewer draws none)
+        m.append(gxe.ExpectColumnValuesToNotBeNull(column="mask_path",
+                                                   row_condition=is_defective & (Column("source") == "dataset")))
     files = [
         gxe.ExpectColumnValuesToBeInSet(column="decoded", value_set=[True]),
         gxe.ExpectColumnValuesToBeInSet(column="mode_matches", value_set=[True]),
