@@ -1,5 +1,6 @@
 """Prefect flow `edgeqa-drift`: the prediction logs the line pushed (`edgeqa feedback push`) against what the
-released model answered on `test` and the image sizes training had (`edgeqa.drift`). It writes
+released model answered on `test`, and against the training images: their sizes, brightness, contrast and
+mean embedding under models/edge (`edgeqa.drift`). It writes
 reports/drift/report.{json,md}, publishes the report as an artifact, and sends a notification through
 `ops.notify_block` when a rule in `ops.drift` fails. `edgeqa drift` runs it."""
 
@@ -34,9 +35,14 @@ def drift(repo: str = ".", device: str | None = None) -> dict[str, Any]:
             raise FileNotFoundError(f"{f} is missing: run the pipeline first (`make run`); drift is measured "
                                     "against what the released model answered on test")
     reference = [r for r in map(json.loads, preds.read_text().splitlines()) if r.get("split", "test") == "test"]
-    df = pd.read_parquet(manifest, columns=["split", "width", "height"])
-    sizes = {(int(w), int(h)) for w, h in df[df.split.isin(["labelled", "unlabelled"])][["width", "height"]]
-             .itertuples(index=False)}
+    df = pd.read_parquet(manifest, columns=["split", "width", "height", "path"])
+    train = df[df.split.isin(["labelled", "unlabelled"])]
+    sizes = {(int(w), int(h)) for w, h in train[["width", "height"]].itertuples(index=False)}
+    edge = root / params.paths.models_dir / "edge"
+    image_ref = drift_lib.training_reference([str(root / p) for p in train.path], params.ops.drift.reference_images,
+                                             edge if (edge / "manifest.json").is_file() else None)
+    logger.info("image reference: %d training images, embeddings of bundle %s", image_ref["n"],
+                image_ref["bundle"])
     stack = Stack(StackConfig.load(root))
     stack.check_s3()
     s3, bucket = stack.s3_client(), stack.cfg.buckets["releases"]
@@ -44,7 +50,7 @@ def drift(repo: str = ".", device: str | None = None) -> dict[str, Any]:
     batch = feedback.load(s3, bucket, keys)
     logger.info("%d answers in %d prediction logs under s3://%s/feedback/%s", len(batch), len(keys), bucket,
                 f"{device}/" if device else "")
-    rep = drift_lib.check(params.ops.drift, reference, sizes, batch)
+    rep = drift_lib.check(params.ops.drift, reference, sizes, batch, image_ref)
     rep["logs"] = keys
     out = root / params.paths.reports_dir / "drift"
     out.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,11 @@
 """Stage `distill`: knowledge distillation from the teacher into the sft student."""
 
 import argparse
+import sys
 from pathlib import Path
 
 from edgeqa.config import Params
+from edgeqa.distributed import torchrun_or_here
 from edgeqa.stage import stage_main, student_stage_args
 from edgeqa.student import distill
 
@@ -19,7 +21,8 @@ def _run(p: Params, a: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main(__doc__, _run, _args, argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stage_main(__doc__, torchrun_or_here("tasks.distill", argv, _run), _args, argv)
 
 
 if __name__ == "__main__":

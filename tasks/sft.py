@@ -1,8 +1,10 @@
 """Stages `sft` and `baseline` (`--role baseline`: the teacher's weight forced to 0, the same step budget)."""
 
 import argparse
+import sys
 
 from edgeqa.config import Params
+from edgeqa.distributed import torchrun_or_here
 from edgeqa.stage import stage_main, student_stage_args
 from edgeqa.student import sft
 
@@ -18,7 +20,8 @@ def _run(p: Params, a: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main(__doc__, _run, _args, argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stage_main(__doc__, torchrun_or_here("tasks.sft", argv, _run), _args, argv)
 
 
 if __name__ == "__main__":

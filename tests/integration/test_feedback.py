@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 from edgeqa.feedback import batches
 from edgeqa_runtime.predlog import Appender, entry
@@ -73,6 +73,9 @@ def test_the_loop_back_predict_push_and_drift_with_a_notification(tiny_repo, tmp
                 "reports/evaluate/edge/predictions.jsonl", "data/ingest/manifest.parquet"):
         (proj / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(tiny_repo / rel, proj / rel)
+    shutil.copytree(tiny_repo / "models" / "edge", proj / "models" / "edge")  # the embeddings' reference model
+    for d in ("data/synth",):  # the training images the image rules sample (manifest paths are relative)
+        shutil.copytree(tiny_repo / d, proj / d)
     params = yaml.safe_load((proj / "params.yaml").read_text())
     params["ops"]["drift"]["min_batch"] = 10
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -93,6 +96,9 @@ def test_the_loop_back_predict_push_and_drift_with_a_notification(tiny_repo, tmp
         assert f"no drift in {len(test)} answers" in out, out
         rep = json.loads((proj / "reports" / "drift" / "report.json").read_text())
         assert rep["drifted"] is False and rep["rules"][0]["value"] < 0.25 and got == []
+        # the test images against the training sample: brightness, contrast and embedding compared, within
+        rules = {r["rule"]: r for r in rep["rules"]}
+        assert all(rules[k]["passed"] is True for k in ("brightness_shift", "contrast_shift", "embedding_shift")), rules
 
         cam2 = tmp_path / "cam2"  # another camera: the same scenes at another resolution
         cam2.mkdir()
@@ -108,6 +114,25 @@ def test_the_loop_back_predict_push_and_drift_with_a_notification(tiny_repo, tmp
         assert rep["drifted"] is True and rep["n"] == 2 * len(test) and len(rep["logs"]) == 2
         assert len(got) == 1 and got[0]["subject"].startswith("edgeqa: drift on the line")
         assert "unseen_size_share" in got[0]["body"]
+
+        # a dimmer lamp on a third line: the same scenes at the same size, darker. The log now carries each
+        # image's brightness, contrast and embedding; drift compares them with the training images'.
+        dim = tmp_path / "dim"
+        dim.mkdir()
+        for p in sorted(line.iterdir()):
+            with Image.open(p) as im:
+                ImageEnhance.Brightness(im).enhance(0.4).save(dim / p.name)
+        log3 = tmp_path / "dim.jsonl"
+        cli(proj, "predict", "--bundle", bundle, str(dim), "--out", str(tmp_path / "c.jsonl"), "--log", str(log3),
+            "--no-progress")
+        first = json.loads(log3.read_text().splitlines()[0])
+        assert first["brightness"] < 100 and len(first["embedding"]) > 8
+        cli(proj, "feedback", "push", str(log3), "--device", "dim-cam")
+        out = " ".join(cli(proj, "drift", "--device", "dim-cam", code=3).split())
+        rep = json.loads((proj / "reports" / "drift" / "report.json").read_text())
+        rules = {r["rule"]: r for r in rep["rules"]}
+        assert rules["brightness_shift"]["passed"] is False and rules["unseen_size_share"]["passed"], out
+        assert rules["embedding_shift"]["value"] is not None, rules["embedding_shift"]
     finally:
         CustomWebhookNotificationBlock.delete("edgeqa-notify")
 
@@ -152,8 +177,8 @@ def test_the_loop_closes_review_into_labelled_then_retrain(tiny_repo, tmp_path, 
                     "uncertain on the line")
     (line / "verdicts.csv").write_text("\n".join(rows) + "\n")
     leak = line / "leak.csv"
-    leak.write_text(f"image,verdict,category\n{work / test.path.iloc[0]},{test.label.iloc[0]},"
-                    f"{test.category.iloc[0]}\n")
+    good_test = before[(before.split == "test") & (before.label == "good")].iloc[0]
+    leak.write_text(f"image,verdict,category\n{work / good_test.path},good,{good_test.category}\n")
     out = " ".join(cli(work, "review", str(leak), "--reviewer", "qa-anna", code=2).split())
     assert "(split test)" in out and "nothing was written" in out, out
 
@@ -172,7 +197,7 @@ def test_the_loop_closes_review_into_labelled_then_retrain(tiny_repo, tmp_path, 
     clone = tmp_path / "clone"
     run("git", "clone", "-q", str(work), str(clone), cwd=tmp_path)
     stack.configure_dvc(clone)
-    run(*dvc, "pull", f"data/reviews/{batch}.dvc", cwd=clone)
+    run(*dvc, "pull", "--run-cache", "--allow-missing", cwd=clone)  # the nightly checkout's own pull
     assert len(list((clone / "data" / "reviews" / batch / "images").iterdir())) == 6
 
     # retrain: ingest adds the batch to labelled, nothing moves, baseline trains on more human answers

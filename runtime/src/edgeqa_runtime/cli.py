@@ -48,9 +48,10 @@ def record(path: Path, pred: dict[str, Any], bundle_id: str) -> dict[str, Any]:
 
 
 def answers(bundle: Path, paths: list[Path], threads: int = 1, max_reason_tokens: int | None = None,
-            progress: bool = True, trust: Path | None = None, require_signature: bool = False
-            ) -> Iterator[dict[str, Any]]:
-    """One output record per path, in order; an image that cannot be read yields {"path", "error"}."""
+            progress: bool = True, trust: Path | None = None, require_signature: bool = False,
+            embedding: bool = False) -> Iterator[dict[str, Any]]:
+    """One output record per path, in order; an image that cannot be read yields {"path", "error"}. With
+    `embedding`, each record also carries the model's mean image token (for the prediction log)."""
     from tqdm import tqdm
 
     from edgeqa_runtime.session import ImageReadError, OrtStudent
@@ -69,7 +70,12 @@ def answers(bundle: Path, paths: list[Path], threads: int = 1, max_reason_tokens
         except ImageReadError as exc:
             yield {"path": str(p), "error": str(exc)}
             continue
-        yield record(p, pred, bundle_id)
+        rec = record(p, pred, bundle_id)
+        if embedding:  # a second pass of the vision graph only: the answer's own pass keeps no state
+            from edgeqa_runtime.preprocess import pixels
+
+            rec["embedding"] = model.embed(pixels([p], int(model.rt["image_size"])))[0]
+        yield rec
 
 
 def predict(bundle: str | Path, target: Path, out: Path | None = None, threads: int = 1,
@@ -95,12 +101,13 @@ def predict(bundle: str | Path, target: Path, out: Path | None = None, threads: 
         appender = Appender(log) if log is not None else None
         try:
             for rec in answers(Path(bundle), paths, threads, max_reason_tokens, progress, trust,
-                               require_signature):
+                               require_signature, embedding=appender is not None):
                 failed += "error" in rec
+                emb = rec.pop("embedding", None)  # the log's, not the answer's
                 sink.write(json.dumps(rec) + "\n")
                 sink.flush()
                 if appender is not None and "error" not in rec:
-                    appender.write(entry(Path(rec["path"]), rec))
+                    appender.write(entry(Path(rec["path"]), rec, emb))
         finally:
             if appender is not None:
                 appender.close()

@@ -148,6 +148,11 @@ class OrtStudent:
         return self._run(self._ids(ids), past)
 
     # ---------------------------------------------------------------------------------------- answers
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        """The mean image token of each image (N, 3, S, S) -> (N, hidden): what the prediction log records and
+        drift compares."""
+        return self.vision.run(None, {"pixels": pixels.astype(np.float32)})[0].mean(1)
+
     def answer(self, pixels: np.ndarray, max_reason_tokens: int, top_k: int = 1, strict: bool = False
                ) -> dict[str, Any]:
         """One image (1, 3, S, S), as `edgeqa_runtime.preprocess.pixels` makes it -> the answer and its scores."""

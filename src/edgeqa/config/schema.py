@@ -293,6 +293,9 @@ class StudentConfig(_Section):
     eval_every: int = Field(ge=1)  # optimizer steps between val evaluations (early stopping, curves)
     patience: int = Field(ge=1)  # evaluations without val-loss improvement before stopping
     threads: int = Field(ge=1, le=64)
+    device: Literal["auto", "cpu", "cuda"] = "cpu"  # where the student stages train (edgeqa.distributed)
+    micro_batches: int = Field(1, ge=1, le=64)  # shards a step's batch is cut into (at least torchrun's processes)
+    processes: int = Field(1, ge=1, le=64)  # > 1: the student stages start themselves under torchrun
 
     @model_validator(mode="after")
     def _blocks(self) -> StudentConfig:
@@ -587,10 +590,13 @@ class NightlyConfig(_Section):
 
 class DriftConfig(_Section):
     """`edgeqa drift`: the line's prediction logs (feedback/) against what the released model saw at test."""
-    min_batch: int = Field(default=50, ge=1)  # fewer answers than this: no verdict, "too few"
+    min_batch: int = Field(default=200, ge=1)  # fewer answers than this: no verdict, "too few"
     max_psi: float = Field(default=0.25, gt=0)  # population stability index of P(defective), 10 quantile bins
     max_defect_rate_shift: float = Field(default=0.15, gt=0, le=1)  # |share answered defective - test's|
     max_unseen_size_share: float = Field(default=0.05, ge=0, le=1)  # images of a size training never had
+    max_image_shift: float = Field(default=0.5, gt=0)  # |batch mean - training's| / training's sd: brightness, contrast
+    max_embedding_shift: float = Field(default=0.5, gt=0)  # |mean embedding - training's| / training's RMS spread
+    reference_images: int = Field(default=200, ge=10, le=100_000)  # training images the image rules compare with
 
 
 class OpsConfig(_Section):

@@ -129,7 +129,10 @@ def run(cfg: DistillConfig, student: StudentConfig, sft_dir: Path, base_lm_dir: 
         "steps_run": f.train.steps_run, "stopped_early": f.train.stopped_early,
         "best_val_loss": f.train.best_val_loss, **f.calibration,
         "parameters": f.parameters, "teacher_parameters": f.teacher_parameters, "parameter_ratio": f.parameter_ratio,
-        "finetune": cfg.finetune, "seconds": round(time.perf_counter() - t0, 2), "feature_seconds": round(t_feat, 2)}
+        "finetune": cfg.finetune, "seconds": round(time.perf_counter() - t0, 2), "feature_seconds": round(t_feat, 2),
+        "placement": f.placement}
+    if not f.main:  # another torchrun process: rank 0 writes
+        return res
     if metrics:
         write_json(metrics, res)
     if report:

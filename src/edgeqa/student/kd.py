@@ -128,8 +128,10 @@ class DistillLoss:
         ce = self.cross_entropy(logits, targets, token_weights)
         if self.alpha == 0.0 or kd_targets is None:
             return ce
-        ids, lps, mask = self.place(kd_targets, (logits.shape[0], logits.shape[1]), prefix)
-        rw = None if row_weights is None else torch.tensor(list(row_weights), dtype=torch.float32)
+        ids, lps, mask = (t.to(logits.device) for t in self.place(kd_targets, (logits.shape[0], logits.shape[1]),
+                                                                   prefix))
+        rw = (None if row_weights is None
+              else torch.tensor(list(row_weights), dtype=torch.float32, device=logits.device))
         return (1 - self.alpha) * ce + self.alpha * kd_loss(logits, mask, ids, lps, self.temperature, rw)
 
 

@@ -131,7 +131,9 @@ def run(cfg: SFTConfig, student: StudentConfig, defect_types: Sequence[str] | No
         "best_val_loss": f.train.best_val_loss, **f.calibration, "parameters": f.parameters,
         "teacher_parameters": f.teacher_parameters, "parameter_ratio": f.parameter_ratio,
         "vocab_size": tok.vocab_size, "decoder": student.decoder.arch, "finetune": cfg.finetune,
-        "paste": paste_info, "seconds": round(dt, 2), "feature_seconds": round(t_feat, 2)}
+        "paste": paste_info, "seconds": round(dt, 2), "feature_seconds": round(t_feat, 2), "placement": f.placement}
+    if not f.main:  # another torchrun process: rank 0 writes
+        return res
     if metrics:
         write_json(metrics, res)
     if report:

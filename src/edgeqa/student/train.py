@@ -21,6 +21,7 @@ import torch
 
 from edgeqa.config import StudentConfig, StudentStageConfig
 from edgeqa.data.manifest import mirror_answer
+from edgeqa.distributed import Runtime, seed_shard, setup
 from edgeqa.errors import StageError
 from edgeqa.io import atomic_dir
 from edgeqa.progress import Progress
@@ -238,13 +239,19 @@ def batch_loss(model: Any, vlm: Any, feats: torch.Tensor, batch: Sequence[Exampl
 
 def train(cfg: StudentConfig, model: Any, vlm: Any, feats: torch.Tensor, train_ex: list[Example],
           val_ex: list[Example], val_y: np.ndarray, steps: int, lr: float, lr_vision: float, live_dir: Path | None,
-          loss_fn: DistillLoss | None = None, feats_flip: torch.Tensor | None = None) -> TrainResult:
+          loss_fn: DistillLoss | None = None, feats_flip: torch.Tensor | None = None,
+          rt: Runtime | None = None) -> TrainResult:
     """AdamW over the trainable parameters for `steps` steps (batches drawn by epoch-wise permutation), val
     evaluation every `eval_every` steps, early stopping on val CE loss with `patience`; the best state is
     restored. Curves go to DVCLive. With `feats_flip`, each human or pasted example is mirrored with
-    probability 1/2 (a teacher's answer is not: its reason tokens are tied to its soft targets)."""
+    probability 1/2 (a teacher's answer is not: its reason tokens are tied to its soft targets).
+
+    Each step's batch is cut into shards (`student.micro_batches`, at least one per torchrun process, see
+    edgeqa.distributed); a shard's forward draws from a stream seeded by (seed, step, shard). `model`, `feats`
+    and `feats_flip` are on `rt.device`."""
     from edgeqa.evaluation.metrics import auroc
 
+    rt = rt or Runtime(torch.device("cpu"))
     loss_fn = loss_fn or DistillLoss()
     ce_only = DistillLoss()
     rng = np.random.default_rng(cfg.seed)
@@ -255,8 +262,11 @@ def train(cfg: StudentConfig, model: Any, vlm: Any, feats: torch.Tensor, train_e
     # seeds experiment runs baseline, sft and distill in one process; distill starts from a loaded model).
     torch.manual_seed(cfg.seed)
     # Train-only answer heads on the image embeddings (student.aux_weight): never part of the saved model.
-    aux = (AnswerHeads(vlm.projector.config.lm_hidden, vlm.layout.schema, cfg.aux_fields) if cfg.aux_weight > 0
-           else None)
+    aux = (AnswerHeads(vlm.projector.config.lm_hidden, vlm.layout.schema, cfg.aux_fields).to(rt.device)
+           if cfg.aux_weight > 0 else None)
+    rt.sync_module(model)  # every process starts from rank 0's weights
+    if aux is not None:
+        rt.sync_module(aux)
     rest = [q for q in model.parameters() if q.requires_grad and id(q) not in vis_ids]
     rest += list(aux.parameters()) if aux is not None else []
     groups = [{"params": rest, "lr": lr}] + ([{"params": vision, "lr": lr_vision}] if vision and lr_vision else [])
@@ -273,10 +283,10 @@ def train(cfg: StudentConfig, model: Any, vlm: Any, feats: torch.Tensor, train_e
             toks = torch.cat([model.tokens_from_frozen(feats[[e.feat for e in val_ex[i:i + 64]]])
                               for i in range(0, len(val_ex), 64)])
         d, _ = vlm.verdict_logits(toks)
-        return tot / len(val_ex), auroc(val_y, d.numpy())
+        return tot / len(val_ex), auroc(val_y, d.cpu().numpy())
 
     live = None
-    if live_dir is not None:
+    if live_dir is not None and rt.main:
         from dvclive import Live
 
         live = Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None)
@@ -294,13 +304,23 @@ def train(cfg: StudentConfig, model: Any, vlm: Any, feats: torch.Tensor, train_e
         if feats_flip is not None:
             batch = [flipped_copy(e) if e.source in ("human", "paste") and rng.random() < 0.5 else e for e in batch]
         model.train()
-        loss = batch_loss(model, vlm, feats, batch, cfg.key_token_weight, loss_fn, feats_flip, aux, cfg.aux_weight)
-        loss.backward()
+        n, mine = rt.shards(len(batch), cfg.micro_batches)
+        total = 0.0
+        for shard, pos in mine:
+            if not pos:  # an epoch's last batch, smaller than the shard count
+                continue
+            if n > 1:  # one shard keeps the stream seeded once above (the results measured before shards existed)
+                seed_shard(cfg.seed, step, shard)
+            part = batch_loss(model, vlm, feats, [batch[i] for i in pos], cfg.key_token_weight, loss_fn, feats_flip,
+                              aux, cfg.aux_weight) / n
+            part.backward()
+            total += part.item()
+        rt.sum_grads(trained)  # the shards of every process: the whole batch's gradient
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         sched.step()
         opt.zero_grad()
-        losses.append(loss.item())
+        losses.append(rt.sum_scalar(total))
         step += 1
         prog.update(step, loss=float(np.mean(losses[-cfg.eval_every:])))
         if step % cfg.eval_every == 0 or step == steps:
@@ -383,6 +403,8 @@ class Fitted:
     parameters: int
     teacher_parameters: int | None
     parameter_ratio: float | None
+    main: bool = True  # rank 0 (or the only process): the one that writes files
+    placement: dict[str, Any] = field(default_factory=dict)  # device, processes, micro_batches
 
 
 def fit(cfg: StudentConfig, stage: StudentStageConfig, model: Any, vlm: Any, feats: torch.Tensor,
@@ -390,13 +412,22 @@ def fit(cfg: StudentConfig, stage: StudentStageConfig, model: Any, vlm: Any, fea
         base_tok: Any, teacher_dir: Path, base_lm_dir: Path, out: Path, live_dir: Path | None,
         loss_fn: DistillLoss | None = None, feats_flip: torch.Tensor | None = None) -> Fitted:
     """The tail every student stage shares: full fine-tuning or LoRA (`stage.finetune`), train for
-    `stage.steps`, merge LoRA, calibrate on val, check the parameter ratio against the teacher, save."""
+    `stage.steps`, merge LoRA, calibrate on val, check the parameter ratio against the teacher, save.
+    Training runs on `student.device`, in one process or as one of torchrun's (edgeqa.distributed); the rest
+    runs on the CPU, and only rank 0 saves."""
+    rt = setup(cfg.device)
+    if rt.distributed or rt.device.type != "cpu":
+        log.info("training on %s, process %d of %d, %d shards per step", rt.device, rt.rank + 1, rt.world,
+                 rt.n_shards(cfg.micro_batches))
     peft_model = apply_lora(cfg, model) if stage.finetune == "lora" else None
     if peft_model is None:
         model.set_trainable(vision=stage.lr_vision > 0)
     val_y = (val_rows.label == "defective").to_numpy().astype(int)
-    tr = train(cfg, model, vlm, feats, train_ex, val_ex, val_y, stage.steps, stage.lr, stage.lr_vision, live_dir,
-               loss_fn, feats_flip)
+    dev = rt.device
+    model.to(dev)
+    tr = train(cfg, model, vlm, feats.to(dev), train_ex, val_ex, val_y, stage.steps, stage.lr, stage.lr_vision,
+               live_dir if rt.main else None, loss_fn, None if feats_flip is None else feats_flip.to(dev), rt)
+    model.to("cpu")
     if peft_model is not None:
         model = peft_model.merge_and_unload()
         vlm.lm, vlm.projector = model.decoder, model.projector
@@ -406,5 +437,8 @@ def fit(cfg: StudentConfig, stage: StudentStageConfig, model: Any, vlm: Any, fea
     n_student = count_parameters(model)
     n_teacher = teacher_parameters(teacher_dir, base_lm_dir)
     ratio = check_ratio(cfg.min_param_ratio, n_student, n_teacher)
-    save_student(model, base_tok, out)
-    return Fitted(model, tr, cal, n_student, n_teacher, ratio)
+    if rt.main:
+        save_student(model, base_tok, out)
+    rt.barrier()  # the model is saved before any process goes on
+    return Fitted(model, tr, cal, n_student, n_teacher, ratio, rt.main, {"device": str(dev), "processes": rt.world,
+                                                                        "micro_batches": cfg.micro_batches})

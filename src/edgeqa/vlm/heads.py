@@ -55,7 +55,7 @@ class AnswerHeads(nn.Module):
         z = torch.cat([embeds.mean(1), embeds.amax(1)], -1)
         parts = []
         for name, head in self.heads.items():
-            t = y[name]
+            t = y[name].to(z.device)
             valid = t != -100
             if not valid.any():
                 continue
@@ -63,6 +63,6 @@ class AnswerHeads(nn.Module):
                 parts.append(F.cross_entropy(head(z), t, ignore_index=-100))
                 continue
             ce = F.cross_entropy(head(z[valid]), t[valid], reduction="none")
-            w = weights[valid]
+            w = weights.to(z.device)[valid]
             parts.append((ce * w).sum() / w.sum().clamp_min(1e-12))
         return torch.stack(parts).sum() if parts else embeds.sum() * 0.0

@@ -141,7 +141,7 @@ class VisionLM:
     # ------------------------------------------------------------------------------------- inputs
     def _embed(self, ids: Sequence[int]) -> torch.Tensor:
         emb = self.lm.get_input_embeddings()
-        return emb(torch.tensor(list(ids), dtype=torch.long))
+        return emb(torch.tensor(list(ids), dtype=torch.long, device=emb.weight.device))
 
     def contexts(self, image_embeds: torch.Tensor, tails: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded [pre][image][post][tail_i] embeddings and attention mask, one row per image."""
@@ -151,7 +151,7 @@ class VisionLM:
         n = max(r.shape[0] for r in rows)
         h = rows[0].shape[1]
         embeds = image_embeds.new_zeros(len(rows), n, h)
-        mask = torch.zeros(len(rows), n, dtype=torch.long)
+        mask = torch.zeros(len(rows), n, dtype=torch.long, device=image_embeds.device)
         for i, r in enumerate(rows):
             embeds[i, n - r.shape[0]:] = r
             mask[i, n - r.shape[0]:] = 1
@@ -176,17 +176,19 @@ class VisionLM:
         n = prefix + max(len(s) for s, _ in seqs)
         h = img.shape[-1]
         embeds = img.new_zeros(len(seqs), n, h)
-        mask = torch.zeros(len(seqs), n, dtype=torch.long)
-        labels = torch.full((len(seqs), n), -100, dtype=torch.long)
-        weights = torch.zeros(len(seqs), n)
+        dev = img.device
+        mask = torch.zeros(len(seqs), n, dtype=torch.long, device=dev)
+        labels = torch.full((len(seqs), n), -100, dtype=torch.long, device=dev)
+        weights = torch.zeros(len(seqs), n, device=dev)
         pre, post = self._embed(self.layout.pre), self._embed(self.layout.post)
         for i, (ids, key) in enumerate(seqs):
             row = torch.cat([pre, img[i], post, self._embed(ids)])
             embeds[i, :row.shape[0]] = row
             mask[i, :row.shape[0]] = 1
-            labels[i, prefix:prefix + len(ids)] = torch.tensor(ids)
+            labels[i, prefix:prefix + len(ids)] = torch.tensor(ids, device=dev)
             rw = 1.0 if row_weights is None else float(row_weights[i])
-            weights[i, prefix:prefix + len(ids)] = torch.tensor([rw * (key_weight if k else 1.0) for k in key])
+            weights[i, prefix:prefix + len(ids)] = torch.tensor([rw * (key_weight if k else 1.0) for k in key],
+                                                                device=dev)
         logits = self.lm(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1].float()
         return logits, labels[:, 1:], weights[:, 1:], prefix
 
