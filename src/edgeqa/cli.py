@@ -811,13 +811,20 @@ def review(src: Annotated[Path, typer.Argument(metavar="CSV_OR_FOLDER", help="a 
     try:
         res = rv.add(src, params.ingest, reviews, root / params.paths.ingest_dir / "manifest.parquet", reviewer,
                      category)
-        console.print(f"review batch {res['batch']}: {res['images']} images ({res['good']} good, "
-                      f"{res['defective']} defective) -> {res['path']}", highlight=False)
+    except StageError as exc:
+        _fail(str(exc))
+        raise
+    console.print(f"review batch {res['batch']}: {res['images']} images ({res['good']} good, "
+                  f"{res['defective']} defective) -> {res['path']}", highlight=False)
+    try:
         t = rv.track(root, res["path"], push=push, commit=commit,
                      message=f"review {res['batch']}: {res['images']} verdicts ({res['good']} good, "
                              f"{res['defective']} defective) for {params.ingest.dataset}")
-    except StageError as exc:
-        _fail(str(exc))
+    except StageError as exc:  # the batch is complete on disk; say how to finish or withdraw it
+        rel = res["path"].relative_to(root)
+        _fail(f"{exc}\nthe batch is written in full at {rel} but not (fully) tracked: finish with `dvc add {rel}`, "
+              f"`dvc push {rel}.dvc` and `git commit {rel}.dvc {rel.parent}/.gitignore`, or withdraw it with "
+              f"`rm -r {rel}` (and `dvc remove {rel}.dvc` if it was added)")
         raise
     console.print(f"tracked as {t['dvc_file']}" + (", pushed to the DVC remote" if t["pushed"] else "")
                   + (f", committed {t['commit'][:12]}" if t["commit"] else

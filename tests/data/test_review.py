@@ -142,3 +142,30 @@ def test_a_reviewed_image_that_the_dataset_gains_later_keeps_the_dataset_answer(
     assert row.source == "dataset"
     assert (df.source == "review").sum() == 4
     assert '"reviewed_duplicates": 1' in (tmp_path / "b" / "metrics.json").read_text()
+
+
+def test_the_cli_says_how_to_finish_a_batch_it_could_not_track(params, tmp_path):
+    """`edgeqa review --no-push` in a project that is no DVC repository: the checked batch is written in full,
+    `dvc add` fails, and the error names the batch and the commands that finish or withdraw it."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from edgeqa.cli import app
+
+    from ..conftest import REPO
+
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    for f in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / f, proj / f)
+    line = _line(tmp_path)
+    r = CliRunner().invoke(app, ["--project", str(proj), "review", str(line), "--category", "bottle", "--no-push",
+                                 "--reviewer", "qa"], env={"COLUMNS": "250"})
+    out = " ".join(r.output.split())
+    assert r.exit_code == 2, out
+    batches = [p for p in (proj / "data" / "reviews").iterdir() if p.is_dir()]
+    assert len(batches) == 1 and len(list((batches[0] / "images").iterdir())) == 5
+    rel = f"data/reviews/{batches[0].name}"
+    assert "dvc add" in out and f"the batch is written in full at {rel}" in out, out
+    assert f"rm -r {rel}" in out
