@@ -836,8 +836,9 @@ def review(src: Annotated[Path, typer.Argument(metavar="CSV_OR_FOLDER", help="a 
 def drift(device: Annotated[str | None, typer.Option(help="only this device's logs (default: all)")] = None
           ) -> None:
     """Check the prediction logs the line pushed (feedback/) for drift against what the released model
-    answered on test: P(defective) (PSI, KS), the share answered defective, image sizes training never had
-    (thresholds: ops.drift). Writes reports/drift/report.{json,md}; notifies through ops.notify_block on drift.
+    answered on test: P(defective) (PSI, KS), the share answered defective, image sizes training never had,
+    brightness and contrast, and the mean image embedding against a training sample (thresholds: ops.drift).
+    Writes reports/drift/report.{json,md}; notifies through ops.notify_block on drift.
     Exit 0: no drift (or too few answers for a verdict); 3: drift."""
     root = project_root()
     _stack_up()

@@ -127,3 +127,35 @@ def test_cuda_trains_the_student_the_cpu_trains(tmp_path, base_lm_dir, tiny_teac
     assert mg["steps_run"] == mc["steps_run"]
     # CUDA kernels round differently (and drop-connect draws from another generator): close, not equal
     assert mg["val_auroc"] == pytest.approx(mc["val_auroc"], abs=0.05)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where torch sees no CUDA device")
+def test_teacher_sft_refuses_cuda_without_a_device_before_writing(tiny_params, tmp_path):
+    """teacher.device has the student's rule, named by its own key; nothing is written."""
+    from edgeqa.teacher import sft
+
+    cfg = tiny_params.teacher.model_copy(update={"device": "cuda"})
+    with pytest.raises(StageError, match="teacher.device: cuda, but torch sees no CUDA device"):
+        sft.run(cfg, tiny_params.ingest.defect_types, tmp_path / "lm", tmp_path / "manifest.parquet",
+                tmp_path / "teacher", tmp_path / "m.json")
+    assert not (tmp_path / "teacher").exists() and not (tmp_path / "m.json").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_trains_the_teacher_the_cpu_trains(tiny_params, tiny_teacher, tiny_manifest, base_lm_dir, tmp_path):
+    """teacher_sft with teacher.device cuda: the same epochs and a close LM-alone val AUROC to the session's CPU
+    teacher, and a teacher folder the CPU labeller loads (saved from the CPU)."""
+    from edgeqa.teacher import sft
+    from edgeqa.teacher.local import LocalTeacher
+
+    cfg = tiny_params.teacher.model_copy(update={"device": "cuda"})
+    res = sft.run(cfg, tiny_params.ingest.defect_types, base_lm_dir, tiny_manifest, tmp_path / "teacher")
+    cpu = tiny_teacher["metrics"]
+    assert res["epochs_run"] == cpu["epochs_run"]
+    assert res["val_auroc_lm"] == pytest.approx(cpu["val_auroc_lm"], abs=0.1)
+    import pandas as pd
+
+    paths = list(pd.read_parquet(tiny_manifest).path.head(2))
+    answers = LocalTeacher(tmp_path / "teacher").predict_paths(paths, max_reason_tokens=4)
+    assert len(answers) == 2

@@ -315,6 +315,7 @@ def run(cfg: PruneConfig, student: StudentConfig, models_dir: Path, reports_dir:
     import torch
 
     from edgeqa.data.manifest import reference_answer
+    from edgeqa.distributed import Runtime, resolve
     from edgeqa.student.distill import kd_examples
     from edgeqa.student.features import load as load_features
     from edgeqa.student.kd import DistillLoss
@@ -325,6 +326,7 @@ def run(cfg: PruneConfig, student: StudentConfig, models_dir: Path, reports_dir:
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
+    dev = resolve(student.device)  # recovery trains where the student stages train; measuring stays on the CPU
     source, val_aurocs = pick_source(cfg.source, models_dir, reports_dir)
     src_dir = models_dir / source
     st = load_student(src_dir, "prune")
@@ -372,8 +374,11 @@ def run(cfg: PruneConfig, student: StudentConfig, models_dir: Path, reports_dir:
         apply_widths(model, target_widths(orig, cfg, k))
         model.set_trainable(vision=rc.lr_vision > 0)
         vlm = vlm_of(model)
-        tr = train(student, model, vlm, feats, kx.examples, val_ex, y, rc.steps, rc.lr, rc.lr_vision, None, loss,
-                   feats_flip if student.augment_flip else None)
+        model.to(dev)
+        tr = train(student, model, vlm, feats.to(dev), kx.examples, val_ex, y, rc.steps, rc.lr, rc.lr_vision, None,
+                   loss, feats_flip.to(dev) if student.augment_flip and feats_flip is not None else None,
+                   Runtime(dev))
+        model.to("cpu")
         cal = calibrate(model, vlm, feats, val_ex, val, schema)
         rec, _ = measure(model, k, d_src, cal, time.perf_counter() - t0)
         rec["recovery"] = {"steps_run": tr.steps_run, "best_val_loss": tr.best_val_loss,

@@ -230,6 +230,7 @@ class TeacherConfig(_Section):
     max_reason_tokens: int = Field(ge=1, le=256)
     top_k: int = Field(ge=1, le=100)
     threads: int = Field(ge=1, le=64)
+    device: Literal["auto", "cpu", "cuda"] = "cpu"  # where teacher_sft trains (labelling stays on the CPU)
 
     @field_validator("token_blocks")
     @classmethod

@@ -72,6 +72,7 @@ def align_projector(proj: Any, tokens_of: Any, answers: Sequence[Answer], schema
     from edgeqa.vlm.heads import AnswerHeads
 
     heads = AnswerHeads(proj.config.lm_hidden, schema)  # they read the mean and the max over the image tokens
+    heads.to(next(proj.parameters()).device)
     y = heads.targets(answers)
     groups = [{"params": list(proj.parameters()) + list(heads.parameters()), "lr": lr}]
     if vision:
@@ -117,12 +118,14 @@ class TeacherVision:
     LM (the defect signal lives in mid-level features that ImageNet's last layers discard); the rest stays
     frozen. Batch norm keeps its ImageNet statistics (eval mode): batches of 8 cannot estimate them."""
 
-    def __init__(self, backbone: Any, tune_from: int | None, token_blocks: Sequence[int], size: int, grid: int):
+    def __init__(self, backbone: Any, tune_from: int | None, token_blocks: Sequence[int], size: int, grid: int,
+                 device: Any = "cpu"):
         from edgeqa.vlm.vision import check_blocks
 
         check_blocks(token_blocks)
         self.backbone, self.tune_from, self.size, self.grid = backbone, tune_from, size, grid
-        self.token_blocks = list(token_blocks)
+        self.token_blocks, self.device = list(token_blocks), device
+        backbone.to(device)
         self.want = sorted(set(token_blocks) | {10})
         self.cache_at = min([*self.want, *([tune_from] if tune_from is not None else [])])
         backbone.eval()
@@ -152,7 +155,7 @@ class TeacherVision:
         out = []
         with torch.inference_mode():
             for i in range(0, len(paths), batch):
-                x = to_tensor(list(paths[i:i + batch]), self.size)
+                x = to_tensor(list(paths[i:i + batch]), self.size).to(self.device)
                 out.append(lite0_trunk(self.backbone, torch.flip(x, dims=[3]) if flip else x, self.cache_at))
         return torch.cat(out).clone()
 
@@ -172,8 +175,8 @@ class TeacherVision:
         with torch.inference_mode():
             for i in range(0, len(h), batch):
                 t, p = self.tokens(h[i:i + batch])
-                toks.append(t.numpy())
-                pats.append(p.numpy())
+                toks.append(t.cpu().numpy())
+                pats.append(p.cpu().numpy())
         return {"tokens": np.concatenate(toks).astype(np.float32),
                 "patches": np.concatenate(pats).astype(np.float32)}
 
@@ -190,6 +193,7 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
     from safetensors.torch import save_file as save_torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from edgeqa.distributed import resolve
     from edgeqa.teacher.local import VISION_FILE, TeacherMeta, anomaly_scores
     from edgeqa.vlm.model import Layout, Projector, ProjectorConfig, VisionLM, fit_temperature
     from edgeqa.vlm.vision import load_lite0
@@ -197,6 +201,7 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
+    dev = resolve(cfg.device, "teacher.device")
     rng = np.random.default_rng(cfg.seed)
     df = pd.read_parquet(manifest)
     train, val = df[df.split == "labelled"].reset_index(drop=True), df[df.split == "val"].reset_index(drop=True)
@@ -205,7 +210,7 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
     has_masks = bool(df["mask_path"].notna().any())
     schema = AnswerSchema.for_dataset(defect_types, has_masks)
     backbone = load_lite0()
-    vision = TeacherVision(backbone, cfg.vision_tune_from, cfg.token_blocks, cfg.image_size, cfg.grid)
+    vision = TeacherVision(backbone, cfg.vision_tune_from, cfg.token_blocks, cfg.image_size, cfg.grid, dev)
     a_tr = [reference_answer(r) for _, r in train.iterrows()]
     a_va = [reference_answer(r) for _, r in val.iterrows()]
     h_tr, h_va = vision.cache(list(train.path)), vision.cache(list(val.path))
@@ -226,14 +231,17 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
     proj = Projector(ProjectorConfig(in_dim=ftr["tokens"].shape[-1], n_tokens=cfg.grid * cfg.grid,
                                      lm_hidden=lm.config.hidden_size, hidden=cfg.projector_hidden, out_rms=emb_rms))
     proj.fit_standardiser(ftr["tokens"])
+    trained: list[Any] = [lm, proj, backbone]  # on `teacher.device` while training, saved from the CPU
+    for m in trained:
+        m.to(dev)
     model = VisionLM(lm, tok, proj, Layout.build(tok, schema))
-    x_tr, x_va = torch.from_numpy(ftr["tokens"]), torch.from_numpy(fva["tokens"])
+    x_tr, x_va = torch.from_numpy(ftr["tokens"]).to(dev), torch.from_numpy(fva["tokens"]).to(dev)
 
     def train_tokens(idx: np.ndarray) -> Any:  # with gradients through the tuned blocks
         return vision.tokens(h_tr[torch.from_numpy(np.asarray(idx))])[0] if tuned else x_tr[idx]
 
     def val_tokens() -> Any:
-        return torch.from_numpy(vision.features(h_va)["tokens"]) if tuned else x_va
+        return torch.from_numpy(vision.features(h_va)["tokens"]).to(dev) if tuned else x_va
 
     align_curve = (align_projector(proj, train_tokens, a_tr, schema, cfg.align_steps, cfg.lr_align,
                                    cfg.batch_size, rng, vision.parameters(), cfg.lr_vision)
@@ -278,7 +286,7 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
             prog.update(epoch * per_epoch + len(losses), epoch=epoch + 1, loss=float(np.mean(losses[-20:])))
         vl = val_loss()
         d, _ = model.verdict_logits(val_tokens())
-        auc = auroc(y_va, d.numpy())
+        auc = auroc(y_va, d.cpu().numpy())
         history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": vl, "val_auroc_lm": auc})
         log.info("epoch %d: train %.4f val %.4f val AUROC (LM) %s", epoch + 1, np.mean(losses), vl, auc)
         if live is not None:
@@ -305,15 +313,15 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
     if tuned:  # the kept epoch's vision, and the features it gives (the anomaly bank and the calibration use them)
         backbone.load_state_dict(best_state[2], strict=False)
         ftr, fva = vision.features(h_tr[:len(train)]), vision.features(h_va)
-        x_va = torch.from_numpy(fva["tokens"])
+        x_va = torch.from_numpy(fva["tokens"]).to(dev)
 
     # calibration on val: verdict and type temperatures
-    d_va = model.verdict_logits(x_va)[0].numpy()
+    d_va = model.verdict_logits(x_va)[0].cpu().numpy()
     t_verdict = fit_temperature(d_va, y_va, binary=True)
     t_type, type_acc = 1.0, None
     dv = np.flatnonzero((val.label == "defective").to_numpy())
     if schema.types and len(dv):
-        lp = model.type_logprobs(x_va[dv]).numpy()
+        lp = model.type_logprobs(x_va[torch.from_numpy(dv).to(dev)]).cpu().numpy()
         tgt = np.array([schema.types.index(t) for t in val.defect_type.iloc[dv]])
         t_type = fit_temperature(lp, tgt, binary=False)
         type_acc = float((lp.argmax(1) == tgt).mean())
@@ -340,6 +348,8 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
         from edgeqa.teacher.local import ensemble_p
 
         auc_ens = auroc(y_va, ensemble_p(meta, d_va, a_va_scores))
+    for m in trained:
+        m.to("cpu")
     with atomic_dir(out) as tmp:
         proj.save_pretrained(tmp / "projector")
         lm.save_pretrained(tmp / "adapter")
