@@ -67,6 +67,43 @@ def test_teacher_answers_through_the_schema_with_its_own_scores(tiny_teacher, ti
     assert t.parameters() > 130e6
 
 
+def test_the_location_weight_is_fitted_on_val_and_the_anomaly_map_moves_the_choice(tiny_teacher, tiny_manifest):
+    """teacher_sft reports the val location accuracy of the LM, the map and the chosen mix (never below the LM
+    alone: weight 0 is a candidate). At the largest weight the choice follows the map's highest cell; at weight
+    0 it is the LM's own; the reported location probabilities are the ones the choice used."""
+    from edgeqa.config import GRID_WORDS
+    from edgeqa.teacher.local import anomaly_maps, cell_evidence
+    from edgeqa.teacher.sft import LOCATION_WEIGHTS
+    from edgeqa.vlm.vision import image_features
+
+    m = tiny_teacher["metrics"]
+    assert m["location_anomaly_weight"] in LOCATION_WEIGHTS
+    assert m["val_location_accuracy_ensemble"] >= m["val_location_accuracy_lm"], m
+    assert "anomaly map alone" in tiny_teacher["report"].read_text()
+    t = LocalTeacher(tiny_teacher["dir"])
+    df = pd.read_parquet(tiny_manifest)
+    paths = list(df[df.label == "defective"].path.head(8))
+    f = image_features(t.backbone, paths, t.meta.image_size, t.meta.grid, token_blocks=t.meta.token_blocks)
+    top = [GRID_WORDS[i] for i in cell_evidence(anomaly_maps(f["patches"], t.bank)).argmax(1)]
+
+    def chosen(weight):
+        t.meta.location_anomaly_weight = weight
+        preds = t.predict_paths(paths, max_reason_tokens=4)
+        locs = [max(GRID_WORDS, key=lambda w: p["location_probs"][w]) for p in preds]
+        for p, loc in zip(preds, locs):
+            assert p["answer"]["location"] in (None, loc)
+        return locs
+
+    follows_map = sum(a == b for a, b in zip(chosen(LOCATION_WEIGHTS[-1]), top))
+    assert follows_map >= 7, (follows_map, top)
+    lm_alone = chosen(0.0)
+    with torch.no_grad():
+        x = torch.from_numpy(f["tokens"])
+        picks = [t.meta.types[j] for j in t.model.type_logprobs(x).argmax(-1).tolist()]
+        lp = t.model.location_logprobs(t.model.projector(x), picks)[:, :len(GRID_WORDS)]
+    assert lm_alone == [GRID_WORDS[i] for i in lp.argmax(1).tolist()]
+
+
 def _label_cmd(params_file, teacher, manifest, out):
     return [sys.executable, "-m", "tasks.label", "--params", str(params_file), "--teacher", str(teacher),
             "--manifest", str(manifest), "--out", str(out)]

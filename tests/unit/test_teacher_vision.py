@@ -79,3 +79,53 @@ def test_a_tuned_vision_file_that_does_not_fit_lite0_is_refused_by_name(lite0, t
     good = {k: v.clone() for k, v in lite0.state_dict().items() if k.startswith("_conv_head")}
     save_file(good, str(f))
     assert set(load_tuned_vision(f, lite0)) == set(good)
+
+
+def test_cell_evidence_puts_each_patch_in_the_grid_cell_of_its_centre():
+    from edgeqa.config import GRID_WORDS
+    from edgeqa.data.maskfacts import grid_word
+    from edgeqa.teacher.local import cell_evidence
+
+    side = 14  # the teacher's stride-16 map at 224 px
+    for r, c in [(0, 0), (4, 4), (5, 9), (13, 13), (7, 0), (9, 10)]:
+        m = np.zeros((1, side * side), np.float32)
+        m[0, r * side + c] = 5.0
+        cells = cell_evidence(m)
+        want = GRID_WORDS.index(grid_word(r + 0.5, c + 0.5, side, side))  # a mask centroid's own rule
+        assert int(cells[0].argmax()) == want and cells[0, want] == 5.0
+        assert np.all(np.delete(cells[0], want) == 0.0)
+    with pytest.raises(StageError, match="square grid"):
+        cell_evidence(np.zeros((1, 10), np.float32))
+
+
+def test_the_location_weight_is_chosen_on_val_and_stays_zero_when_the_map_does_not_pay():
+    from edgeqa.teacher.sft import fit_location_weight
+
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 9, 40)
+    lm = rng.normal(0, 1, (40, 9))  # an LM that does not know where the defect is
+    lm[np.arange(40)[:10], truth[:10]] += 3.0  # except on a quarter of the images
+    good_map = rng.normal(0, 0.3, (40, 9))
+    good_map[np.arange(40), truth] += 2.0  # a map whose highest cell is the defect's
+    w, acc = fit_location_weight(lm, good_map, truth)
+    assert w > 0 and acc["ensemble"] > acc["lm"] and acc["ensemble"] >= acc["anomaly"] - 0.05
+    noise = rng.normal(0, 1, (40, 9))  # a map that knows nothing
+    lm_good = lm.copy()
+    lm_good[np.arange(40), truth] += 10.0  # an LM that always knows
+    w0, acc0 = fit_location_weight(lm_good, noise, truth)
+    assert acc0["ensemble"] == acc0["lm"] == 1.0 and w0 == 0.0
+    with pytest.raises(StageError, match="no defective val image"):
+        fit_location_weight(np.zeros((0, 9)), np.zeros((0, 9)), np.zeros(0, int))
+
+
+def test_the_location_bias_favours_the_cell_where_the_map_is_highest():
+    from edgeqa.teacher.local import location_bias
+
+    meta = TeacherMeta(base_lm_dir="x", image_size=224, grid=4, types=["crack"], locations=[], verdict_temperature=1,
+                       type_temperature=1, anomaly=True, ensemble={}, anomaly_mean=0.0, anomaly_std=2.0,
+                       location_anomaly_weight=4.0)
+    cells = np.zeros((2, 9), np.float32)
+    cells[0, 2], cells[1, 7] = 1.0, 1.0
+    b = location_bias(meta, cells)
+    assert b.argmax(1).tolist() == [2, 7]
+    assert np.allclose(b.mean(1), 0.0) and np.isclose(b[0, 2] - b[0, 0], 4.0 * 1.0 / 2.0)

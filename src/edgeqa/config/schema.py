@@ -227,6 +227,7 @@ class TeacherConfig(_Section):
     key_token_weight: float = Field(ge=1.0, le=100.0)
     patience: int = Field(ge=1)
     anomaly: bool
+    anomaly_location: bool = True  # the anomaly map's highest cell as location evidence (weight fitted on val)
     max_reason_tokens: int = Field(ge=1, le=256)
     top_k: int = Field(ge=1, le=100)
     threads: int = Field(ge=1, le=64)

@@ -1,8 +1,9 @@
 """The saved local teacher: how it is stored and loaded, its anomaly evidence and its calibrated ensemble.
 
 A teacher folder holds `projector/` and `adapter/` (save_pretrained), `teacher.json` (base LM folder, image
-size, grid, schema, temperatures, ensemble) and, with anomaly evidence, `anomaly_bank.safetensors` (patch
-features of good training images). The base LM is the `convert` output, loaded, never copied.
+size, grid, schema, temperatures, the verdict ensemble, the anomaly map's weight in the location choice) and,
+with anomaly evidence, `anomaly_bank.safetensors` (patch features of good training images). The base LM is the
+`convert` output, loaded, never copied.
 """
 
 from __future__ import annotations
@@ -40,22 +41,50 @@ class TeacherMeta:
     lm_mean: float = 0.0  # the calibrated LM logit's mean and sd on val: the ensemble reads it standardised
     lm_std: float = 1.0   # (folders from before: 0 and 1, the raw calibrated logit)
     vision_tuned_from: int | None = None  # Lite0 blocks from here (and the head) are in vision.safetensors
+    location_anomaly_weight: float = 0.0  # the anomaly map's weight in the location choice, fitted on val (0: LM alone)
 
     def schema(self) -> AnswerSchema:
         return AnswerSchema(types=tuple(self.types), locations=tuple(self.locations))
 
 
-def anomaly_scores(patches: np.ndarray, bank: np.ndarray, chunk: int = 64) -> np.ndarray:
-    """Per image: the largest distance from any of its patches to the nearest good-training patch."""
+def anomaly_maps(patches: np.ndarray, bank: np.ndarray, chunk: int = 64) -> np.ndarray:
+    """Per image and patch (N, P): the distance to the nearest good-training patch, the anomaly map."""
     import torch
 
     b = torch.from_numpy(bank)
     out = []
     for i in range(0, len(patches), chunk):
         p = torch.from_numpy(patches[i:i + chunk])
-        d = torch.cdist(p.reshape(-1, p.shape[-1]), b).min(dim=1).values.view(p.shape[0], p.shape[1])
-        out.append(d.max(dim=1).values.numpy())
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
+        out.append(torch.cdist(p.reshape(-1, p.shape[-1]), b).min(dim=1).values.view(p.shape[0], p.shape[1]).numpy())
+    return np.concatenate(out) if out else np.zeros((0, patches.shape[1] if patches.ndim > 1 else 0), np.float32)
+
+
+def anomaly_scores(patches: np.ndarray, bank: np.ndarray, chunk: int = 64) -> np.ndarray:
+    """Per image: the largest distance from any of its patches to the nearest good-training patch."""
+    m = anomaly_maps(patches, bank, chunk)
+    return m.max(axis=1) if len(m) else np.zeros(0, np.float32)
+
+
+def cell_evidence(maps: np.ndarray) -> np.ndarray:
+    """(N, 9): the anomaly map's maximum in each cell of the 3x3 location grid, in GRID_WORDS order. The patch
+    grid is square (the teacher resizes to a square); a patch belongs to the cell of its centre, the same rule
+    that turns a mask's centroid into its location word (edgeqa.data.maskfacts.grid_word)."""
+    n, p = maps.shape
+    side = int(round(p ** 0.5))
+    if side * side != p or side < 3:
+        raise StageError(f"anomaly map of {p} patches: expected a square grid of at least 3x3 patches")
+    idx = (np.arange(side) + 0.5) * 3 // side  # the grid row (and column) of each patch row (column) centre
+    cell = (3 * idx[:, None] + idx[None, :]).reshape(-1).astype(int)
+    out = np.full((n, 9), -np.inf, np.float32)
+    for k in range(9):
+        out[:, k] = maps[:, cell == k].max(axis=1)
+    return out
+
+
+def location_bias(meta: TeacherMeta, cells: np.ndarray) -> np.ndarray:
+    """The anomaly map's additive evidence for each location word (N, 9): the cell maxima, centred per image,
+    in units of the val spread of the image anomaly score, times the weight fitted on val."""
+    return meta.location_anomaly_weight * (cells - cells.mean(axis=1, keepdims=True)) / meta.anomaly_std
 
 
 def ensemble_p(meta: TeacherMeta, lm_logit: np.ndarray, anomaly: np.ndarray | None) -> np.ndarray:
@@ -146,10 +175,15 @@ class LocalTeacher:
                            token_blocks=self.meta.token_blocks)
         tokens = torch.from_numpy(f["tokens"])
         verdict, type_lp = self.model.verdict_and_type(tokens)  # one pass, reused by predict
-        anomaly = anomaly_scores(f["patches"], self.bank) if self.bank is not None else None
+        maps = anomaly_maps(f["patches"], self.bank) if self.bank is not None else None
+        anomaly = maps.max(axis=1) if maps is not None else None
         p = ensemble_p(self.meta, verdict[0].numpy(), anomaly)
+        bias = None
+        if maps is not None and self.meta.location_anomaly_weight and self.meta.locations:
+            bias = torch.from_numpy(location_bias(self.meta, cell_evidence(maps)))
         preds = self.model.predict(tokens, max_reason_tokens, top_k, p_defective=p.tolist(), verdict=verdict,
-                                   min_reason_tokens=min(3, max_reason_tokens) if strict else 0, type_lp=type_lp)
+                                   min_reason_tokens=min(3, max_reason_tokens) if strict else 0, type_lp=type_lp,
+                                   location_bias=bias)
         out = []
         for i, pr in enumerate(preds):
             rec = asdict(pr)

@@ -112,6 +112,22 @@ def fit_ensemble(lm_z: np.ndarray, anomaly_z: np.ndarray, y: np.ndarray) -> dict
     return {"w_lm": a * w, "w_anomaly": a * (1 - w), "bias": b}
 
 
+LOCATION_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 256.0)  # 256: the map decides
+
+
+def fit_location_weight(lm_lp: np.ndarray, cells_z: np.ndarray, truth: np.ndarray) -> tuple[float, dict[str, float]]:
+    """The anomaly map's weight w in the location choice argmax(lm_lp + w * cells_z), fitted on val: the w of
+    `LOCATION_WEIGHTS` with the best location accuracy on the defective val images whose location is known
+    (ties go to the smaller w: the LM alone unless the map pays). Returns w and the val accuracies of the LM
+    alone, the anomaly map alone (its highest cell) and the chosen mix."""
+    if len(truth) == 0:
+        raise StageError("fitting the location weight on val: no defective val image with a known location")
+    acc = [float(((lm_lp + w * cells_z).argmax(1) == truth).mean()) for w in LOCATION_WEIGHTS]
+    best = max(range(len(acc)), key=lambda i: (round(acc[i], 9), -i))
+    return LOCATION_WEIGHTS[best], {"lm": acc[0], "anomaly": float((cells_z.argmax(1) == truth).mean()),
+                                    "ensemble": acc[best]}
+
+
 class TeacherVision:
     """The teacher's view of its images: Lite0 (ImageNet weights) up to a cache point computed once, then the
     blocks above it on every use. With `tune_from` set, blocks tune_from..15 and the head are trained with the
@@ -194,7 +210,7 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from edgeqa.distributed import resolve
-    from edgeqa.teacher.local import VISION_FILE, TeacherMeta, anomaly_scores
+    from edgeqa.teacher.local import VISION_FILE, TeacherMeta, anomaly_maps, anomaly_scores, cell_evidence
     from edgeqa.vlm.model import Layout, Projector, ProjectorConfig, VisionLM, fit_temperature
     from edgeqa.vlm.vision import load_lite0
 
@@ -344,6 +360,19 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
                        type_temperature=t_type, anomaly=cfg.anomaly, ensemble=ens, anomaly_mean=a_mean,
                        anomaly_std=a_std, token_blocks=list(cfg.token_blocks), vision_tuned_from=cfg.vision_tune_from,
                        lm_mean=lm_mean, lm_std=lm_std)
+    loc_acc: dict[str, float] | None = None
+    dl = np.flatnonzero(((val.label == "defective") & val.location.notna()).to_numpy())
+    if cfg.anomaly and cfg.anomaly_location and schema.locations and bank is not None and len(dl):
+        # the anomaly map's evidence for the location word, weighted on val beside the LM's own location scores
+        xl = x_va[torch.from_numpy(dl).to(dev)]
+        with torch.no_grad():
+            tlp = model.type_logprobs(xl)
+            picks = [schema.types[j] for j in tlp.argmax(-1).tolist()] if schema.types else [None] * len(dl)
+            lp = model.location_logprobs(proj(xl), picks).cpu().numpy()[:, :len(schema.locations)]
+        cells = cell_evidence(anomaly_maps(fva["patches"][dl], bank))
+        truth = np.array([schema.locations.index(w) for w in val.location.iloc[dl]])
+        meta.location_anomaly_weight, loc_acc = fit_location_weight(
+            lp, (cells - cells.mean(1, keepdims=True)) / a_std, truth)
     if cfg.anomaly:
         from edgeqa.teacher.local import ensemble_p
 
@@ -370,6 +399,10 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
                           + sum(q.numel() for q in backbone.parameters())),
         "locations_known": bool(schema.locations == GRID_WORDS),
         "align_steps": cfg.align_steps, "align_final_loss": align_curve[-1]["loss"] if align_curve else None,
+        "location_anomaly_weight": meta.location_anomaly_weight,
+        "val_location_accuracy_lm": loc_acc["lm"] if loc_acc else None,
+        "val_location_accuracy_anomaly": loc_acc["anomaly"] if loc_acc else None,
+        "val_location_accuracy_ensemble": loc_acc["ensemble"] if loc_acc else None,
     }
     if metrics:
         write_json(metrics, res)
@@ -386,6 +419,10 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
                           + md_table(["P(defective) from", "val AUROC"], auc_rows)
                           + f"\n\nTemperatures fitted on val: verdict {t_verdict:.3g}, type {t_type:.3g}. "
                           f"Type accuracy on defective val images (LM): "
-                          f"{type_acc if type_acc is None else round(type_acc, 3)}.\n")
+                          f"{type_acc if type_acc is None else round(type_acc, 3)}.\n"
+                          + ("" if loc_acc is None else
+                             f"\nLocation on the {len(dl)} defective val images with a mask: LM alone "
+                             f"{loc_acc['lm']:.3f}, anomaly map alone {loc_acc['anomaly']:.3f}, chosen mix "
+                             f"{loc_acc['ensemble']:.3f} (anomaly-map weight {meta.location_anomaly_weight:g}).\n"))
     log.info("teacher_sft: %s", res)
     return res

@@ -230,14 +230,32 @@ class VisionLM:
             ts = first_token_scores(logits[:, -1, :], L.options["type"][:len(types)])
         return (vs.logprobs[:, 1] - vs.logprobs[:, 0], vs), ts.logprobs
 
+    def location_logprobs(self, img: torch.Tensor, type_pick: Sequence[str | None],
+                          bias: torch.Tensor | None = None) -> torch.Tensor:
+        """log P(location | defective, type) over the location options (the grid words, then 'none'), from the
+        projected image tokens `img` and each image's chosen type; `bias` (N, number of grid words) is added to
+        the grid words' scores and the whole renormalised."""
+        L = self.layout
+        tails = [L.field_ids["verdict"] + L.option("verdict", "defective") + L.field_ids["type"]
+                 + L.option("type", t) + L.field_ids["location"] for t in type_pick]
+        with torch.inference_mode():
+            e, m = self.contexts(img, tails)
+            lp = score_options(self.lm, e, m, L.options["location"]).logprobs
+        if bias is not None:
+            k = bias.shape[1]
+            lp = torch.cat([lp[:, :k] + bias.to(lp.dtype), lp[:, k:]], 1).log_softmax(-1)
+        return lp
+
     def predict(self, tokens: torch.Tensor, max_reason_tokens: int, top_k: int,
                 p_defective: Sequence[float] | None = None,
                 verdict: tuple[torch.Tensor, Any] | None = None, min_reason_tokens: int = 0,
-                type_lp: torch.Tensor | None = None) -> list[Prediction]:
+                type_lp: torch.Tensor | None = None, location_bias: torch.Tensor | None = None) -> list[Prediction]:
         """Answer for a batch of images. `p_defective` (e.g. an ensemble with anomaly evidence) may override the
         LM's calibrated P(defective) for the verdict; the LM's own score is kept beside it. `verdict` passes
         the result of `verdict_logits(tokens)` when the caller already has it. `min_reason_tokens` forbids
-        stopping before that many reason tokens (the stricter retry of an empty reason)."""
+        stopping before that many reason tokens (the stricter retry of an empty reason). `location_bias` (N, number of
+        locations) is added to the LM's location log-probabilities before the choice (the anomaly map's evidence);
+        the reason is then generated after the chosen location, so it describes it."""
         L, schema = self.layout, self.layout.schema
         d, vs = verdict if verdict is not None else self.verdict_logits(tokens)
         p_lm = torch.sigmoid(d / self.verdict_temperature)
@@ -259,16 +277,11 @@ class VisionLM:
         loc_probs: list[dict[str, float]] = [{} for _ in range(n)]
         locs: list[str | None] = [None] * n
         if schema.locations:
-            tails = [L.field_ids["verdict"] + L.option("verdict", "defective") + L.field_ids["type"]
-                     + L.option("type", type_pick[i]) + L.field_ids["location"] for i in range(n)]
-            with torch.inference_mode():
-                e, m = self.contexts(img, tails)
-                ls = score_options(self.lm, e, m, L.options["location"])
+            lp = self.location_logprobs(img, type_pick, location_bias)
             opts = schema.options()["location"]
             for i in range(n):
-                loc_probs[i] = {o: round(float(v), 6) for o, v in zip(opts, ls.logprobs[i].exp())}
-                j = int(ls.logprobs[i, :len(schema.locations)].argmax())
-                locs[i] = schema.locations[j]
+                loc_probs[i] = {o: round(float(v), 6) for o, v in zip(opts, lp[i].exp())}
+                locs[i] = schema.locations[int(lp[i, :len(schema.locations)].argmax())]
         answers_prefix = []
         for i in range(n):
             good = verdicts[i] == "good"
