@@ -136,13 +136,22 @@ def render(rep: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def reference_sample(paths: list[str], n: int) -> list[str]:
+    """A fixed sample of `n` paths spread evenly over the whole list, first to last. The manifest lists images
+    by category and class, so a sample must span it: every (len // n)-th path, cut at n, took the first 200 of
+    392 demo images, 196 of them bottles and 4 tiles, and a batch of both looked like 3 standard deviations of
+    brightness drift."""
+    if len(paths) <= n:
+        return list(paths)
+    return [paths[i] for i in np.linspace(0, len(paths) - 1, n).round().astype(int)]
+
+
 def training_reference(paths: list[str], n: int, bundle_dir: Any | None) -> dict[str, Any]:
-    """The image rules' reference: brightness and contrast of a fixed sample of `n` training images (every
-    `len/n`-th path, in manifest order) and, with an edge bundle folder, their mean image tokens under it."""
+    """The image rules' reference: brightness and contrast of a fixed sample of `n` training images and, with an
+    edge bundle folder, their mean image tokens under it."""
     from edgeqa_runtime.predlog import image_stats
 
-    step = max(1, len(paths) // n)
-    sample = paths[::step][:n]
+    sample = reference_sample(paths, n)
     stats = np.asarray([image_stats(Path(p))[2:] for p in sample], dtype=np.float64)
     ref: dict[str, Any] = {"n": len(sample), "brightness": stats[:, 0], "contrast": stats[:, 1], "embedding": None,
                            "bundle": None}

@@ -73,13 +73,15 @@ def test_the_location_weight_is_fitted_on_val_and_the_anomaly_map_moves_the_choi
     0 it is the LM's own; the reported location probabilities are the ones the choice used."""
     from edgeqa.config import GRID_WORDS
     from edgeqa.teacher.local import anomaly_maps, cell_evidence
-    from edgeqa.teacher.sft import LOCATION_WEIGHTS
+    from edgeqa.teacher.sft import EVIDENCE_WEIGHTS
     from edgeqa.vlm.vision import image_features
 
     m = tiny_teacher["metrics"]
-    assert m["location_anomaly_weight"] in LOCATION_WEIGHTS
+    assert m["location_anomaly_weight"] in EVIDENCE_WEIGHTS and m["type_anomaly_weight"] in EVIDENCE_WEIGHTS
     assert m["val_location_accuracy_ensemble"] >= m["val_location_accuracy_lm"], m
-    assert "anomaly map alone" in tiny_teacher["report"].read_text()
+    assert m["val_type_accuracy_ensemble"] >= m["val_type_accuracy_lm"], m
+    report = tiny_teacher["report"].read_text()
+    assert "anomaly map alone" in report and "defect-patch kNN alone" in report
     t = LocalTeacher(tiny_teacher["dir"])
     df = pd.read_parquet(tiny_manifest)
     paths = list(df[df.label == "defective"].path.head(8))
@@ -94,7 +96,7 @@ def test_the_location_weight_is_fitted_on_val_and_the_anomaly_map_moves_the_choi
             assert p["answer"]["location"] in (None, loc)
         return locs
 
-    follows_map = sum(a == b for a, b in zip(chosen(LOCATION_WEIGHTS[-1]), top))
+    follows_map = sum(a == b for a, b in zip(chosen(EVIDENCE_WEIGHTS[-1]), top))
     assert follows_map >= 7, (follows_map, top)
     lm_alone = chosen(0.0)
     with torch.no_grad():

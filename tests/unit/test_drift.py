@@ -96,3 +96,15 @@ def test_brightness_contrast_and_embedding_against_the_training_sample_by_constr
     assert {k for k, v in r.items() if v["passed"] is None} == {"brightness_shift", "contrast_shift",
                                                                 "embedding_shift"}
     assert "not compared:" in render(rep)
+
+
+def test_the_training_sample_spans_every_category_in_manifest_order():
+    """The reference sample of the image rules covers the whole manifest, not its first rows: the manifest is
+    ordered by category, and a sample of the first rows made a batch of both categories look like drift."""
+    from edgeqa.drift import reference_sample
+
+    paths = [f"bottle/{i}.png" for i in range(196)] + [f"tile/{i}.png" for i in range(196)]
+    s = reference_sample(paths, 200)
+    assert len(s) == len(set(s)) == 200 and s[0] == paths[0] and s[-1] == paths[-1]
+    assert sum(p.startswith("tile/") for p in s) == 100
+    assert reference_sample(paths[:50], 200) == paths[:50]

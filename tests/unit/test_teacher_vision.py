@@ -99,7 +99,7 @@ def test_cell_evidence_puts_each_patch_in_the_grid_cell_of_its_centre():
 
 
 def test_the_location_weight_is_chosen_on_val_and_stays_zero_when_the_map_does_not_pay():
-    from edgeqa.teacher.sft import fit_location_weight
+    from edgeqa.teacher.sft import fit_evidence_weight
 
     rng = np.random.default_rng(0)
     truth = rng.integers(0, 9, 40)
@@ -107,15 +107,15 @@ def test_the_location_weight_is_chosen_on_val_and_stays_zero_when_the_map_does_n
     lm[np.arange(40)[:10], truth[:10]] += 3.0  # except on a quarter of the images
     good_map = rng.normal(0, 0.3, (40, 9))
     good_map[np.arange(40), truth] += 2.0  # a map whose highest cell is the defect's
-    w, acc = fit_location_weight(lm, good_map, truth)
+    w, acc = fit_evidence_weight(lm, good_map, truth)
     assert w > 0 and acc["ensemble"] > acc["lm"] and acc["ensemble"] >= acc["anomaly"] - 0.05
     noise = rng.normal(0, 1, (40, 9))  # a map that knows nothing
     lm_good = lm.copy()
     lm_good[np.arange(40), truth] += 10.0  # an LM that always knows
-    w0, acc0 = fit_location_weight(lm_good, noise, truth)
+    w0, acc0 = fit_evidence_weight(lm_good, noise, truth)
     assert acc0["ensemble"] == acc0["lm"] == 1.0 and w0 == 0.0
     with pytest.raises(StageError, match="no defective val image"):
-        fit_location_weight(np.zeros((0, 9)), np.zeros((0, 9)), np.zeros(0, int))
+        fit_evidence_weight(np.zeros((0, 9)), np.zeros((0, 9)), np.zeros(0, int))
 
 
 def test_the_location_bias_favours_the_cell_where_the_map_is_highest():
@@ -129,3 +129,27 @@ def test_the_location_bias_favours_the_cell_where_the_map_is_highest():
     b = location_bias(meta, cells)
     assert b.argmax(1).tolist() == [2, 7]
     assert np.allclose(b.mean(1), 0.0) and np.isclose(b[0, 2] - b[0, 0], 4.0 * 1.0 / 2.0)
+
+
+def test_type_evidence_votes_for_the_type_of_the_nearest_defect_patches(tmp_path):
+    from PIL import Image
+
+    from edgeqa.teacher.local import mask_cells, type_evidence
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 5, (3, 16)).astype(np.float32)  # three defect types, far apart in feature space
+    bank = np.concatenate([c + rng.normal(0, 0.1, (20, 16)) for c in centres]).astype(np.float32)
+    of = np.repeat(np.arange(3), 20)
+    patches = rng.normal(0, 0.1, (3, 9, 16)).astype(np.float32)  # one image per type, a defect patch at 4
+    maps = np.zeros((3, 9), np.float32)
+    for i in range(3):
+        patches[i, 4] = centres[i]
+        maps[i, 4] = 1.0
+    ev = type_evidence(maps, patches, bank, of, 3, top=1, neighbours=5)
+    assert ev.argmax(1).tolist() == [0, 1, 2]
+    assert np.allclose(np.exp(ev).sum(1), 1.0)  # smoothed shares
+    m = np.zeros((64, 64), np.uint8)
+    m[40:64, 0:10] = 255  # the lower left
+    Image.fromarray(m).save(tmp_path / "m.png")
+    cells = mask_cells(tmp_path / "m.png", 4).reshape(4, 4)
+    assert cells[2:, 0].all() and cells[:2].sum() == 0 and cells[:, 2:].sum() == 0

@@ -228,6 +228,7 @@ class TeacherConfig(_Section):
     patience: int = Field(ge=1)
     anomaly: bool
     anomaly_location: bool = True  # the anomaly map's highest cell as location evidence (weight fitted on val)
+    anomaly_type: bool = True  # the most anomalous patches' nearest labelled defect patches vote for a type
     max_reason_tokens: int = Field(ge=1, le=256)
     top_k: int = Field(ge=1, le=100)
     threads: int = Field(ge=1, le=64)

@@ -1,9 +1,10 @@
 """The saved local teacher: how it is stored and loaded, its anomaly evidence and its calibrated ensemble.
 
 A teacher folder holds `projector/` and `adapter/` (save_pretrained), `teacher.json` (base LM folder, image
-size, grid, schema, temperatures, the verdict ensemble, the anomaly map's weight in the location choice) and,
-with anomaly evidence, `anomaly_bank.safetensors` (patch features of good training images). The base LM is the
-`convert` output, loaded, never copied.
+size, grid, schema, temperatures, the verdict ensemble, the anomaly evidence's weights in the type and location
+choices) and, with anomaly evidence, `anomaly_bank.safetensors` (patch features of good training images; with
+type evidence, the labelled defect patches and their types). The base LM is the `convert` output, loaded,
+never copied.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class TeacherMeta:
     lm_std: float = 1.0   # (folders from before: 0 and 1, the raw calibrated logit)
     vision_tuned_from: int | None = None  # Lite0 blocks from here (and the head) are in vision.safetensors
     location_anomaly_weight: float = 0.0  # the anomaly map's weight in the location choice, fitted on val (0: LM alone)
+    type_anomaly_weight: float = 0.0  # the defect-patch kNN's weight in the type choice, fitted on val (0: LM alone)
+    type_top_patches: int = 3  # the image's most anomalous patches that vote for a type
+    type_neighbours: int = 5   # the nearest labelled defect patches each of them asks
 
     def schema(self) -> AnswerSchema:
         return AnswerSchema(types=tuple(self.types), locations=tuple(self.locations))
@@ -79,6 +83,33 @@ def cell_evidence(maps: np.ndarray) -> np.ndarray:
     for k in range(9):
         out[:, k] = maps[:, cell == k].max(axis=1)
     return out
+
+
+def mask_cells(mask_path: str | Path, side: int) -> np.ndarray:
+    """(side * side,) bool: the patches of a side x side grid that the mask touches (the image resized to a
+    square, as the teacher sees it)."""
+    from PIL import Image
+
+    with Image.open(mask_path) as im:
+        mk = np.asarray(im.convert("L").resize((side * 8, side * 8), Image.Resampling.NEAREST)) > 127
+    return mk.reshape(side, 8, side, 8).any(axis=(1, 3)).reshape(-1)
+
+
+def type_evidence(maps: np.ndarray, patches: np.ndarray, type_bank: np.ndarray, type_of: np.ndarray,
+                  n_types: int, top: int = 3, neighbours: int = 5) -> np.ndarray:
+    """(N, n_types): log of the smoothed vote shares for each defect type. The image's `top` most anomalous
+    patches (its anomaly map) each ask their `neighbours` nearest patches among the labelled defect patches
+    (patches under a mask, with that image's type) and vote for those patches' types."""
+    import torch
+
+    tb = torch.from_numpy(type_bank)
+    k = min(neighbours, len(type_bank))
+    out = np.zeros((len(maps), n_types), np.float64)
+    for i in range(len(maps)):
+        q = torch.from_numpy(patches[i][np.argsort(-maps[i])[:top]])
+        near = torch.cdist(q, tb).topk(k, largest=False).indices.reshape(-1).numpy()
+        out[i] = np.bincount(type_of[near], minlength=n_types)[:n_types]
+    return np.log((out + 0.5) / (out.sum(1, keepdims=True) + 0.5 * n_types))
 
 
 def location_bias(meta: TeacherMeta, cells: np.ndarray) -> np.ndarray:
@@ -150,7 +181,12 @@ class LocalTeacher:
         self.model = VisionLM(lm, tok, projector, Layout.build(tok, self.meta.schema()),
                               self.meta.verdict_temperature, self.meta.type_temperature)
         self.backbone = teacher_backbone(folder, self.meta.vision_tuned_from)
-        self.bank = load_file(str(folder / "anomaly_bank.safetensors"))["bank"] if self.meta.anomaly else None
+        banks = load_file(str(folder / "anomaly_bank.safetensors")) if self.meta.anomaly else {}
+        self.bank = banks.get("bank")
+        self.type_bank, self.type_of = banks.get("type_bank"), banks.get("type_of")
+        if self.meta.type_anomaly_weight and (self.type_bank is None or self.type_of is None):
+            raise StageError(f"{folder}: teacher.json weights type evidence but anomaly_bank.safetensors holds no "
+                             "type_bank/type_of; rerun teacher_sft")
         self.fingerprint = folder_fingerprint(folder)  # keys the label cache
 
     def schema(self) -> AnswerSchema:
@@ -178,12 +214,17 @@ class LocalTeacher:
         maps = anomaly_maps(f["patches"], self.bank) if self.bank is not None else None
         anomaly = maps.max(axis=1) if maps is not None else None
         p = ensemble_p(self.meta, verdict[0].numpy(), anomaly)
-        bias = None
+        bias = tbias = None
         if maps is not None and self.meta.location_anomaly_weight and self.meta.locations:
             bias = torch.from_numpy(location_bias(self.meta, cell_evidence(maps)))
+        if maps is not None and self.meta.type_anomaly_weight and self.type_bank is not None \
+                and self.type_of is not None:
+            ev = type_evidence(maps, f["patches"], self.type_bank, self.type_of, len(self.meta.types),
+                               self.meta.type_top_patches, self.meta.type_neighbours)
+            tbias = torch.from_numpy(self.meta.type_anomaly_weight * ev).float()
         preds = self.model.predict(tokens, max_reason_tokens, top_k, p_defective=p.tolist(), verdict=verdict,
                                    min_reason_tokens=min(3, max_reason_tokens) if strict else 0, type_lp=type_lp,
-                                   location_bias=bias)
+                                   location_bias=bias, type_bias=tbias)
         out = []
         for i, pr in enumerate(preds):
             rec = asdict(pr)

@@ -112,20 +112,41 @@ def fit_ensemble(lm_z: np.ndarray, anomaly_z: np.ndarray, y: np.ndarray) -> dict
     return {"w_lm": a * w, "w_anomaly": a * (1 - w), "bias": b}
 
 
-LOCATION_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 256.0)  # 256: the map decides
+EVIDENCE_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 256.0)  # 256: the map decides
 
 
-def fit_location_weight(lm_lp: np.ndarray, cells_z: np.ndarray, truth: np.ndarray) -> tuple[float, dict[str, float]]:
-    """The anomaly map's weight w in the location choice argmax(lm_lp + w * cells_z), fitted on val: the w of
-    `LOCATION_WEIGHTS` with the best location accuracy on the defective val images whose location is known
-    (ties go to the smaller w: the LM alone unless the map pays). Returns w and the val accuracies of the LM
-    alone, the anomaly map alone (its highest cell) and the chosen mix."""
+def fit_evidence_weight(lm: np.ndarray, ev: np.ndarray, truth: np.ndarray, what: str = "location"
+                        ) -> tuple[float, dict[str, float]]:
+    """The weight w of a second opinion `ev` in a closed-field choice argmax(lm + w * ev), fitted on val: the w
+    of `EVIDENCE_WEIGHTS` with the best accuracy on the defective val images whose answer is known (ties go to
+    the smaller w: the LM alone unless the evidence pays). Returns w and the val accuracies of the LM alone,
+    the evidence alone and the chosen mix."""
     if len(truth) == 0:
-        raise StageError("fitting the location weight on val: no defective val image with a known location")
-    acc = [float(((lm_lp + w * cells_z).argmax(1) == truth).mean()) for w in LOCATION_WEIGHTS]
+        raise StageError(f"fitting the {what} weight on val: no defective val image with a known {what}")
+    acc = [float(((lm + w * ev).argmax(1) == truth).mean()) for w in EVIDENCE_WEIGHTS]
     best = max(range(len(acc)), key=lambda i: (round(acc[i], 9), -i))
-    return LOCATION_WEIGHTS[best], {"lm": acc[0], "anomaly": float((cells_z.argmax(1) == truth).mean()),
+    return EVIDENCE_WEIGHTS[best], {"lm": acc[0], "anomaly": float((ev.argmax(1) == truth).mean()),
                                     "ensemble": acc[best]}
+
+
+def defect_patch_bank(patches: np.ndarray, frame: pd.DataFrame, types: Sequence[str]
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """The labelled defect patches (those a mask touches) of `frame`'s defective images with a mask and a known
+    type, and each one's type index: what type evidence compares an image's most anomalous patches with."""
+    from edgeqa.teacher.local import mask_cells
+
+    side = int(round(patches.shape[1] ** 0.5))
+    feats, of = [], []
+    for i, r in enumerate(frame.itertuples()):
+        if r.label != "defective" or not isinstance(r.mask_path, str) or r.defect_type not in types:
+            continue
+        cells = mask_cells(r.mask_path, side)
+        if cells.any():
+            feats.append(patches[i][cells])
+            of += [types.index(r.defect_type)] * int(cells.sum())
+    if not feats:
+        return np.zeros((0, patches.shape[-1]), np.float32), np.zeros(0, np.int64)
+    return np.ascontiguousarray(np.concatenate(feats), np.float32), np.asarray(of, np.int64)
 
 
 class TeacherVision:
@@ -210,7 +231,14 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from edgeqa.distributed import resolve
-    from edgeqa.teacher.local import VISION_FILE, TeacherMeta, anomaly_maps, anomaly_scores, cell_evidence
+    from edgeqa.teacher.local import (
+        VISION_FILE,
+        TeacherMeta,
+        anomaly_maps,
+        anomaly_scores,
+        cell_evidence,
+        type_evidence,
+    )
     from edgeqa.vlm.model import Layout, Projector, ProjectorConfig, VisionLM, fit_temperature
     from edgeqa.vlm.vision import load_lite0
 
@@ -360,19 +388,37 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
                        type_temperature=t_type, anomaly=cfg.anomaly, ensemble=ens, anomaly_mean=a_mean,
                        anomaly_std=a_std, token_blocks=list(cfg.token_blocks), vision_tuned_from=cfg.vision_tune_from,
                        lm_mean=lm_mean, lm_std=lm_std)
+    # second opinions from the anomaly map for the type and the location, each weighted on val beside the LM's
+    type_acc_mix: dict[str, float] | None = None
     loc_acc: dict[str, float] | None = None
+    type_bank = type_of = None
+    picks_dv: list[str | None] = []
+    if cfg.anomaly and bank is not None and schema.types and len(dv):
+        maps_dv = anomaly_maps(fva["patches"][dv], bank)
+        with torch.no_grad():
+            z_dv = model.type_logprobs(x_va[torch.from_numpy(dv).to(dev)]).cpu().numpy() / t_type
+        zt = z_dv
+        if cfg.anomaly_type:
+            type_bank, type_of = defect_patch_bank(ftr["patches"][:len(train)], train, list(schema.types))
+            if len(type_bank):
+                ev = type_evidence(maps_dv, fva["patches"][dv], type_bank, type_of, len(schema.types),
+                                   meta.type_top_patches, meta.type_neighbours)
+                tgt = np.array([schema.types.index(t) for t in val.defect_type.iloc[dv]])
+                meta.type_anomaly_weight, type_acc_mix = fit_evidence_weight(z_dv, ev, tgt, "type")
+                zt = z_dv + meta.type_anomaly_weight * ev
+        picks_dv = [schema.types[j] for j in zt.argmax(1).tolist()]
     dl = np.flatnonzero(((val.label == "defective") & val.location.notna()).to_numpy())
     if cfg.anomaly and cfg.anomaly_location and schema.locations and bank is not None and len(dl):
-        # the anomaly map's evidence for the location word, weighted on val beside the LM's own location scores
+        # the location context holds the chosen type, as in predict
+        pick_of = dict(zip(dv.tolist(), picks_dv))
         xl = x_va[torch.from_numpy(dl).to(dev)]
         with torch.no_grad():
-            tlp = model.type_logprobs(xl)
-            picks = [schema.types[j] for j in tlp.argmax(-1).tolist()] if schema.types else [None] * len(dl)
+            picks = [pick_of.get(i) for i in dl.tolist()] if schema.types else [None] * len(dl)
             lp = model.location_logprobs(proj(xl), picks).cpu().numpy()[:, :len(schema.locations)]
         cells = cell_evidence(anomaly_maps(fva["patches"][dl], bank))
         truth = np.array([schema.locations.index(w) for w in val.location.iloc[dl]])
-        meta.location_anomaly_weight, loc_acc = fit_location_weight(
-            lp, (cells - cells.mean(1, keepdims=True)) / a_std, truth)
+        meta.location_anomaly_weight, loc_acc = fit_evidence_weight(
+            lp, (cells - cells.mean(1, keepdims=True)) / a_std, truth, "location")
     if cfg.anomaly:
         from edgeqa.teacher.local import ensemble_p
 
@@ -383,7 +429,10 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
         proj.save_pretrained(tmp / "projector")
         lm.save_pretrained(tmp / "adapter")
         if bank is not None:
-            save_file({"bank": np.ascontiguousarray(bank)}, str(tmp / "anomaly_bank.safetensors"))
+            banks = {"bank": np.ascontiguousarray(bank)}
+            if type_bank is not None and type_of is not None and meta.type_anomaly_weight:
+                banks |= {"type_bank": type_bank, "type_of": type_of}
+            save_file(banks, str(tmp / "anomaly_bank.safetensors"))
         if tuned:
             save_torch({k: v.contiguous() for k, v in vision.state().items()}, str(tmp / VISION_FILE))
         (tmp / "teacher.json").write_text(json.dumps(meta.__dict__, indent=2) + "\n")
@@ -399,6 +448,9 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
                           + sum(q.numel() for q in backbone.parameters())),
         "locations_known": bool(schema.locations == GRID_WORDS),
         "align_steps": cfg.align_steps, "align_final_loss": align_curve[-1]["loss"] if align_curve else None,
+        "type_anomaly_weight": meta.type_anomaly_weight,
+        "val_type_accuracy_anomaly": type_acc_mix["anomaly"] if type_acc_mix else None,
+        "val_type_accuracy_ensemble": type_acc_mix["ensemble"] if type_acc_mix else type_acc,
         "location_anomaly_weight": meta.location_anomaly_weight,
         "val_location_accuracy_lm": loc_acc["lm"] if loc_acc else None,
         "val_location_accuracy_anomaly": loc_acc["anomaly"] if loc_acc else None,
@@ -420,6 +472,9 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
                           + f"\n\nTemperatures fitted on val: verdict {t_verdict:.3g}, type {t_type:.3g}. "
                           f"Type accuracy on defective val images (LM): "
                           f"{type_acc if type_acc is None else round(type_acc, 3)}.\n"
+                          + ("" if type_acc_mix is None else
+                             f"\nType from the defect-patch kNN alone {type_acc_mix['anomaly']:.3f}, chosen mix "
+                             f"{type_acc_mix['ensemble']:.3f} (weight {meta.type_anomaly_weight:g}).\n")
                           + ("" if loc_acc is None else
                              f"\nLocation on the {len(dl)} defective val images with a mask: LM alone "
                              f"{loc_acc['lm']:.3f}, anomaly map alone {loc_acc['anomaly']:.3f}, chosen mix "

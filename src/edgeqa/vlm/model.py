@@ -249,13 +249,15 @@ class VisionLM:
     def predict(self, tokens: torch.Tensor, max_reason_tokens: int, top_k: int,
                 p_defective: Sequence[float] | None = None,
                 verdict: tuple[torch.Tensor, Any] | None = None, min_reason_tokens: int = 0,
-                type_lp: torch.Tensor | None = None, location_bias: torch.Tensor | None = None) -> list[Prediction]:
+                type_lp: torch.Tensor | None = None, location_bias: torch.Tensor | None = None,
+                type_bias: torch.Tensor | None = None) -> list[Prediction]:
         """Answer for a batch of images. `p_defective` (e.g. an ensemble with anomaly evidence) may override the
         LM's calibrated P(defective) for the verdict; the LM's own score is kept beside it. `verdict` passes
         the result of `verdict_logits(tokens)` when the caller already has it. `min_reason_tokens` forbids
         stopping before that many reason tokens (the stricter retry of an empty reason). `location_bias` (N, number of
         locations) is added to the LM's location log-probabilities before the choice (the anomaly map's evidence);
-        the reason is then generated after the chosen location, so it describes it."""
+        the reason is then generated after the chosen location, so it describes it. `type_bias` (N, number of
+        types) is added to the calibrated type log-probabilities the same way (the defect-patch kNN's votes)."""
         L, schema = self.layout, self.layout.schema
         d, vs = verdict if verdict is not None else self.verdict_logits(tokens)
         p_lm = torch.sigmoid(d / self.verdict_temperature)
@@ -268,7 +270,8 @@ class VisionLM:
         if type_lp is None:
             type_lp = self.type_logprobs(tokens)
         if types:
-            type_p = torch.softmax(type_lp / self.type_temperature, -1)
+            z = type_lp / self.type_temperature
+            type_p = torch.softmax(z + type_bias.to(z.dtype) if type_bias is not None else z, -1)
             type_pick = [types[j] for j in type_p.argmax(-1).tolist()]
         else:
             type_p, type_pick = torch.zeros(n, 0), [None] * n
