@@ -112,10 +112,15 @@ def type_evidence(maps: np.ndarray, patches: np.ndarray, type_bank: np.ndarray, 
     return np.log((out + 0.5) / (out.sum(1, keepdims=True) + 0.5 * n_types))
 
 
+def location_evidence(cells: np.ndarray, anomaly_std: float) -> np.ndarray:
+    """The anomaly map's evidence for each location word (N, 9): the cell maxima, centred per image, in units of
+    the val spread of the image anomaly score. The weight is fitted on exactly this (teacher_sft)."""
+    return (cells - cells.mean(axis=1, keepdims=True)) / anomaly_std
+
+
 def location_bias(meta: TeacherMeta, cells: np.ndarray) -> np.ndarray:
-    """The anomaly map's additive evidence for each location word (N, 9): the cell maxima, centred per image,
-    in units of the val spread of the image anomaly score, times the weight fitted on val."""
-    return meta.location_anomaly_weight * (cells - cells.mean(axis=1, keepdims=True)) / meta.anomaly_std
+    """`location_evidence` times the weight fitted on val: what predict adds to the LM's location scores."""
+    return meta.location_anomaly_weight * location_evidence(cells, meta.anomaly_std)
 
 
 def ensemble_p(meta: TeacherMeta, lm_logit: np.ndarray, anomaly: np.ndarray | None) -> np.ndarray:

@@ -235,8 +235,8 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
         VISION_FILE,
         TeacherMeta,
         anomaly_maps,
-        anomaly_scores,
         cell_evidence,
+        location_evidence,
         type_evidence,
     )
     from edgeqa.vlm.model import Layout, Projector, ProjectorConfig, VisionLM, fit_temperature
@@ -362,21 +362,22 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
     # calibration on val: verdict and type temperatures
     d_va = model.verdict_logits(x_va)[0].cpu().numpy()
     t_verdict = fit_temperature(d_va, y_va, binary=True)
-    t_type, type_acc = 1.0, None
+    t_type, type_acc, type_lp_dv, tgt = 1.0, None, None, None
     dv = np.flatnonzero((val.label == "defective").to_numpy())
     if schema.types and len(dv):
-        lp = model.type_logprobs(x_va[torch.from_numpy(dv).to(dev)]).cpu().numpy()
+        lp = type_lp_dv = model.type_logprobs(x_va[torch.from_numpy(dv).to(dev)]).cpu().numpy()
         tgt = np.array([schema.types.index(t) for t in val.defect_type.iloc[dv]])
         t_type = fit_temperature(lp, tgt, binary=False)
         type_acc = float((lp.argmax(1) == tgt).mean())
     # anomaly evidence and the ensemble, fitted on val
     ens, a_mean, a_std, auc_anom, auc_ens = {"w_lm": 1.0, "w_anomaly": 0.0, "bias": 0.0}, 0.0, 1.0, None, None
-    bank, a_va_scores = None, None
+    bank, a_va_scores, maps_va = None, None, None
     lm_mean, lm_std = 0.0, 1.0
     if cfg.anomaly:
         good = np.flatnonzero((train.label == "good").to_numpy())
         bank = ftr["patches"][good].reshape(-1, ftr["patches"].shape[-1])
-        a_va_scores = anomaly_scores(fva["patches"], bank)  # scaled on val: train patches are in the bank
+        maps_va = anomaly_maps(fva["patches"], bank)  # scaled on val: train patches are in the bank
+        a_va_scores = maps_va.max(axis=1)
         a_mean, a_std = float(a_va_scores.mean()), float(a_va_scores.std() + 1e-6)
         # Both standardised on val: the calibrated LM logit is bimodal and wide (about -2..16 on demo val), the
         # kNN distance heavy-tailed.
@@ -393,32 +394,27 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
     loc_acc: dict[str, float] | None = None
     type_bank = type_of = None
     picks_dv: list[str | None] = []
-    if cfg.anomaly and bank is not None and schema.types and len(dv):
-        maps_dv = anomaly_maps(fva["patches"][dv], bank)
-        with torch.no_grad():
-            z_dv = model.type_logprobs(x_va[torch.from_numpy(dv).to(dev)]).cpu().numpy() / t_type
-        zt = z_dv
+    if maps_va is not None and bank is not None and type_lp_dv is not None and tgt is not None:
+        zt = z_dv = type_lp_dv / t_type
         if cfg.anomaly_type:
             type_bank, type_of = defect_patch_bank(ftr["patches"][:len(train)], train, list(schema.types))
             if len(type_bank):
-                ev = type_evidence(maps_dv, fva["patches"][dv], type_bank, type_of, len(schema.types),
+                ev = type_evidence(maps_va[dv], fva["patches"][dv], type_bank, type_of, len(schema.types),
                                    meta.type_top_patches, meta.type_neighbours)
-                tgt = np.array([schema.types.index(t) for t in val.defect_type.iloc[dv]])
                 meta.type_anomaly_weight, type_acc_mix = fit_evidence_weight(z_dv, ev, tgt, "type")
                 zt = z_dv + meta.type_anomaly_weight * ev
         picks_dv = [schema.types[j] for j in zt.argmax(1).tolist()]
     dl = np.flatnonzero(((val.label == "defective") & val.location.notna()).to_numpy())
-    if cfg.anomaly and cfg.anomaly_location and schema.locations and bank is not None and len(dl):
+    if cfg.anomaly_location and schema.locations and maps_va is not None and len(dl):
         # the location context holds the chosen type, as in predict
         pick_of = dict(zip(dv.tolist(), picks_dv))
         xl = x_va[torch.from_numpy(dl).to(dev)]
         with torch.no_grad():
             picks = [pick_of.get(i) for i in dl.tolist()] if schema.types else [None] * len(dl)
             lp = model.location_logprobs(proj(xl), picks).cpu().numpy()[:, :len(schema.locations)]
-        cells = cell_evidence(anomaly_maps(fva["patches"][dl], bank))
         truth = np.array([schema.locations.index(w) for w in val.location.iloc[dl]])
         meta.location_anomaly_weight, loc_acc = fit_evidence_weight(
-            lp, (cells - cells.mean(1, keepdims=True)) / a_std, truth, "location")
+            lp, location_evidence(cell_evidence(maps_va[dl]), a_std), truth, "location")
     if cfg.anomaly:
         from edgeqa.teacher.local import ensemble_p
 
