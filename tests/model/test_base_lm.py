@@ -97,3 +97,57 @@ def test_left_padded_batches_score_like_single_contexts(base_lm):
     for i, t in enumerate(texts):
         e1, m1 = _batch(model, tok, [t])
         assert torch.allclose(batched[i], score_options(model, e1, m1, opts).logprobs[0], atol=1e-4)
+
+
+def _vision_lm(base_lm, types=("crack", "scratch", "stain")):
+    """The real base LM behind a seeded projector: what the cached and the full-context paths must agree on."""
+    from edgeqa.vlm.model import Layout, Projector, ProjectorConfig, VisionLM
+
+    model, tok = base_lm
+    torch.manual_seed(0)
+    proj = Projector(ProjectorConfig(in_dim=32, n_tokens=4, lm_hidden=model.config.hidden_size, hidden=64)).eval()
+    schema = AnswerSchema.for_dataset(list(types), has_masks=True)
+    return VisionLM(model, tok, proj, Layout.build(tok, schema)), torch.randn(3, 4, 32)
+
+
+def test_one_context_scores_every_field_as_full_contexts_do(base_lm):
+    """The prompt-and-image KV cache reused for the verdict, the type and the location (columns matched, the
+    rest hidden) gives the scores of running each field's whole context from scratch."""
+    vlm, x = _vision_lm(base_lm)
+    ctx = vlm.context(x)
+    (d, _), tl = vlm.verdict_and_type(x, ctx)
+    d0, _ = vlm.verdict_logits(x)
+    assert torch.allclose(d, d0, atol=1e-4) and torch.allclose(tl, vlm.type_logprobs(x), atol=1e-4)
+    L = vlm.layout
+    picks = ["crack", "stain", "scratch"]  # option lengths differ: the appended block is left-padded
+    lp = vlm.location_logprobs(None, picks, ctx=ctx)
+    tails = [L.field_ids["verdict"] + L.option("verdict", "defective") + L.field_ids["type"] + L.option("type", t)
+             + L.field_ids["location"] for t in picks]
+    with torch.inference_mode():
+        e, m = vlm.contexts(vlm.projector(x), tails)
+        ref = score_options(vlm.lm, e, m, L.options["location"]).logprobs
+    assert torch.allclose(lp, ref, atol=1e-4)
+
+
+def test_reason_from_the_shared_context_is_what_generate_gives_on_full_contexts(base_lm):
+    """After the fields were scored on the cache, a good row (its tail leaves the cached 'defective' branch) and
+    defective rows decode greedily to the same tokens, with the same scores, as transformers' generate on each
+    row's whole context."""
+    vlm, x = _vision_lm(base_lm)
+    L = vlm.layout
+    ctx = vlm.context(x)
+    vlm.verdict_and_type(x, ctx)
+    vlm.location_logprobs(None, ["crack", "crack", "stain"], ctx=ctx)
+    prefix = [("good", None, None), ("defective", "crack", "upper left"), ("defective", "stain", "center")]
+    tails = [L.field_ids["verdict"] + L.option("verdict", v) + L.field_ids["type"] + L.option("type", t)
+             + L.field_ids["location"] + L.option("location", loc) + L.field_ids["reason"] for v, t, loc in prefix]
+    toks, scores = ctx.generate(tails, 12, 3, L.stops)
+    with torch.inference_mode():
+        e, m = vlm.contexts(vlm.projector(x), tails)
+        ref = vlm.lm.generate(inputs_embeds=e, attention_mask=m, max_new_tokens=12, min_new_tokens=3,
+                              do_sample=False, eos_token_id=L.stops, pad_token_id=L.end, output_scores=True,
+                              return_dict_in_generate=True)
+    assert toks.tolist() == ref.sequences[:, :toks.shape[1]].tolist() and toks.shape[1] == ref.sequences.shape[1]
+    for s, r in zip(scores, ref.scores):
+        finite = torch.isfinite(r)
+        assert torch.equal(finite, torch.isfinite(s)) and torch.allclose(s[finite], r[finite].float(), atol=1e-3)

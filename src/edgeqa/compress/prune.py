@@ -263,8 +263,7 @@ def latency_ms(model: Any, vlm: Any, paths: list[str], max_reason_tokens: int) -
             for i, p in enumerate([paths[0], *paths]):  # the first call warms up, untimed
                 t0 = time.perf_counter()
                 tokens = model.image_tokens(to_tensor([p], model.config.image_size))
-                verdict, type_lp = vlm.verdict_and_type(tokens)
-                vlm.predict(tokens, max_reason_tokens, 1, verdict=verdict, type_lp=type_lp)
+                vlm.predict(tokens, max_reason_tokens, 1)
                 if i:
                     times.append((time.perf_counter() - t0) * 1000)
     finally:

@@ -272,8 +272,7 @@ class Student:
 
         with torch.inference_mode():
             tokens = self.model.image_tokens(to_tensor(paths, self.meta.image_size))
-        verdict, type_lp = self.vlm.verdict_and_type(tokens)
-        preds = self.vlm.predict(tokens, max_reason_tokens, top_k, verdict=verdict, type_lp=type_lp,
+        preds = self.vlm.predict(tokens, max_reason_tokens, top_k,
                                  min_reason_tokens=min(3, max_reason_tokens) if strict else 0)
         out = []
         for pr in preds:

@@ -215,7 +215,8 @@ class LocalTeacher:
         f = image_features(self.backbone, paths, self.meta.image_size, self.meta.grid,
                            token_blocks=self.meta.token_blocks)
         tokens = torch.from_numpy(f["tokens"])
-        verdict, type_lp = self.model.verdict_and_type(tokens)  # one pass, reused by predict
+        ctx = self.model.context(tokens)  # the prompt and image run once; every field and the reason reuse it
+        verdict, type_lp = self.model.verdict_and_type(tokens, ctx)
         maps = anomaly_maps(f["patches"], self.bank) if self.bank is not None else None
         anomaly = maps.max(axis=1) if maps is not None else None
         p = ensemble_p(self.meta, verdict[0].numpy(), anomaly)
@@ -229,7 +230,7 @@ class LocalTeacher:
             tbias = torch.from_numpy(self.meta.type_anomaly_weight * ev).float()
         preds = self.model.predict(tokens, max_reason_tokens, top_k, p_defective=p.tolist(), verdict=verdict,
                                    min_reason_tokens=min(3, max_reason_tokens) if strict else 0, type_lp=type_lp,
-                                   location_bias=bias, type_bias=tbias)
+                                   location_bias=bias, type_bias=tbias, ctx=ctx)
         out = []
         for i, pr in enumerate(preds):
             rec = asdict(pr)

@@ -19,7 +19,15 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from edgeqa.errors import StageError
-from edgeqa.vlm.scoring import first_token_scores, first_tokens_distinct, option_token_ids, score_options
+from edgeqa.vlm.scoring import (
+    OptionScores,
+    first_token_scores,
+    first_tokens_distinct,
+    option_token_ids,
+    positions,
+    score_after,
+    score_options,
+)
 from edgeqa_runtime.schema import FIELDS, PROMPT, Answer, AnswerSchema
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -130,6 +138,87 @@ class Prediction:
     generated_tokens: int = 0
 
 
+class Context:
+    """A batch of images inside the LM, run once: the KV cache of [pre][image][post], grown by each row's tail.
+
+    Every question after the prompt (verdict, type, location, then the reason) is a tail of token ids. `extend`
+    appends the part of each row's tail that the row does not already hold: columns that match the tail's start
+    are reused, the row's other columns are hidden (attention mask 0), and the new tokens take the positions
+    right after the visible ones. So the image and the prompt, most of every context, run through the LM once
+    per image instead of once per field, and the reason is generated from the same cache."""
+
+    def __init__(self, lm: Any, pad_id: int, embeds: torch.Tensor):
+        self.lm, self.pad = lm, pad_id
+        b = embeds.shape[0]
+        self.mask = torch.ones(b, embeds.shape[1], dtype=torch.long, device=embeds.device)
+        with torch.inference_mode():
+            out = lm(inputs_embeds=embeds, attention_mask=self.mask, use_cache=True, logits_to_keep=1)
+        self.cache = out.cache
+        self.rows: list[list[tuple[int, int]]] = [[] for _ in range(b)]  # per row: (column, token id) after the prompt
+
+    def extend(self, tails: Sequence[Sequence[int]], keep: int = 1) -> torch.Tensor:
+        """Bring each row's context to [prompt][tails[i]]; returns the logits (batch, keep, vocab) at the last
+        `keep` positions of the appended block (rows are left-padded inside it, so position -1 is every row's
+        last token; keep > 1 is meaningful only when all tails add as many tokens)."""
+        new: list[list[int]] = []
+        for i, t in enumerate(tails):
+            have, k = self.rows[i], 0
+            while k < min(len(have), len(t) - 1) and have[k][1] == t[k]:  # at least one new token: its logits
+                k += 1
+            for col, _ in have[k:]:
+                self.mask[i, col] = 0
+            self.rows[i] = have[:k]
+            new.append(list(t[k:]))
+        n, start, dev = max(len(x) for x in new), self.mask.shape[1], self.mask.device
+        ids = torch.full((len(new), n), self.pad, dtype=torch.long, device=dev)
+        seg = torch.zeros(len(new), n, dtype=torch.long, device=dev)
+        for i, x in enumerate(new):
+            ids[i, n - len(x):] = torch.tensor(x, dtype=torch.long, device=dev)
+            seg[i, n - len(x):] = 1
+            self.rows[i] += [(start + n - len(x) + j, tok) for j, tok in enumerate(x)]
+        self.mask = torch.cat([self.mask, seg], 1)
+        with torch.inference_mode():
+            out = self.lm(input_ids=ids, attention_mask=self.mask, position_ids=positions(self.mask)[:, -n:],
+                          cache=self.cache, use_cache=True, logits_to_keep=keep)
+        self.cache = out.cache
+        return out.logits
+
+    def score(self, tails: Sequence[Sequence[int]], option_ids: Sequence[Sequence[int]]) -> OptionScores:
+        """The closed options' scores after each row's tail (edgeqa.vlm.scoring.score_after)."""
+        last = self.extend(tails)[:, -1, :]
+        return score_after(self.lm, last, self.cache, self.mask, option_ids)
+
+    def generate(self, tails: Sequence[Sequence[int]], max_new: int, min_new: int, stops: Sequence[int]
+                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Greedy decoding after each row's tail: (tokens (batch, steps), the scores at each step). A stop token
+        ends a row (it is kept; later columns are padding); stops are forbidden before `min_new` tokens. The
+        scores are those the choice was made from (stops masked), as `generate(output_scores=True)` gives."""
+        b = len(tails)
+        stop_t = torch.tensor(list(stops), dtype=torch.long, device=self.mask.device)
+        done = torch.zeros(b, dtype=torch.bool, device=self.mask.device)
+        toks: list[torch.Tensor] = []
+        scores: list[torch.Tensor] = []
+        if max_new <= 0:
+            return torch.zeros(b, 0, dtype=torch.long), scores
+        logits = self.extend(tails)[:, -1, :]
+        with torch.inference_mode():
+            for step in range(max_new):
+                s = logits.float()
+                if step < min_new:
+                    s[:, stop_t] = float("-inf")
+                scores.append(s)
+                nxt = torch.where(done, torch.full_like(done, self.pad, dtype=torch.long), s.argmax(-1))
+                toks.append(nxt)
+                done |= torch.isin(nxt, stop_t)
+                if bool(done.all()) or step + 1 == max_new:
+                    break
+                self.mask = torch.cat([self.mask, self.mask.new_ones(b, 1)], 1)
+                out = self.lm(input_ids=nxt[:, None], attention_mask=self.mask,
+                              position_ids=positions(self.mask)[:, -1:], cache=self.cache, use_cache=True)
+                self.cache, logits = out.cache, out.logits[:, -1, :]
+        return torch.stack(toks, 1), scores
+
+
 class VisionLM:
     """Projector + LM (+ tokenizer, layout). The backbone features are computed outside (edgeqa.vlm.vision)."""
 
@@ -156,6 +245,15 @@ class VisionLM:
             embeds[i, n - r.shape[0]:] = r
             mask[i, n - r.shape[0]:] = 1
         return embeds, mask
+
+    def context(self, tokens: torch.Tensor | None = None, img: torch.Tensor | None = None) -> Context:
+        """The batch's prompt run once through the LM (`Context`), from image tokens or projected embeddings."""
+        with torch.inference_mode():
+            img = self.projector(tokens) if img is None else img
+            b = img.shape[0]
+            pre, post = self._embed(self.layout.pre), self._embed(self.layout.post)
+            e = torch.cat([pre.expand(b, -1, -1), img, post.expand(b, -1, -1)], 1)
+        return Context(self.lm, self.layout.end, e)
 
     def loss(self, tokens: torch.Tensor, answers: Sequence[Answer], key_weight: float) -> torch.Tensor:
         """Weighted next-token cross-entropy on the answer tokens; verdict/type/location values x key_weight."""
@@ -212,35 +310,38 @@ class VisionLM:
             e, m = self.contexts(self.projector(tokens), [tail] * len(tokens))
             return score_options(self.lm, e, m, self.layout.options["type"][:len(types)]).logprobs
 
-    def verdict_and_type(self, tokens: torch.Tensor) -> tuple[tuple[torch.Tensor, Any], torch.Tensor]:
-        """`verdict_logits` and `type_logprobs` from ONE forward pass: the type context ("... verdict: defective;
-        type:") extends the verdict context, and every row has the same length (fixed image tokens, same tail),
-        so the verdict decision is read at a fixed earlier position. Falls back to two passes when the type
-        options need whole-sequence scoring."""
+    def verdict_and_type(self, tokens: torch.Tensor, ctx: Context | None = None
+                         ) -> tuple[tuple[torch.Tensor, Any], torch.Tensor]:
+        """`verdict_logits` and `type_logprobs` from the batch's `Context` (made here if not given): the type
+        context ("... verdict: defective; type:") extends the verdict context and every row has the same length,
+        so with first-token options both are read from ONE pass over that tail. Otherwise each is scored on the
+        same cache (the type's tail reuses the verdict's columns)."""
+        ctx = ctx if ctx is not None else self.context(tokens)
         types = self.layout.schema.types
         L = self.layout
-        if not types or not first_tokens_distinct(L.options["type"][:len(types)]):
-            return self.verdict_logits(tokens), self.type_logprobs(tokens)
         tail0 = L.field_ids["verdict"]
         tail1 = tail0 + L.option("verdict", "defective") + L.field_ids["type"]
-        with torch.inference_mode():
-            e, m = self.contexts(self.projector(tokens), [tail1] * len(tokens))
-            logits = self.lm(inputs_embeds=e, attention_mask=m).logits
-            vs = first_token_scores(logits[:, -1 - (len(tail1) - len(tail0)), :], L.options["verdict"])
-            ts = first_token_scores(logits[:, -1, :], L.options["type"][:len(types)])
-        return (vs.logprobs[:, 1] - vs.logprobs[:, 0], vs), ts.logprobs
+        topts, vopts = L.options["type"][:len(types)], L.options["verdict"]
+        n = len(ctx.rows)
+        if types and first_tokens_distinct(topts) and first_tokens_distinct(vopts):
+            logits = ctx.extend([tail1] * n, keep=len(tail1) - len(tail0) + 1)
+            vs = first_token_scores(logits[:, 0, :], vopts)
+            ts = first_token_scores(logits[:, -1, :], topts).logprobs
+        else:
+            vs = ctx.score([tail0] * n, vopts)
+            ts = ctx.score([tail1] * n, topts).logprobs if types else torch.zeros(n, 0)
+        return (vs.logprobs[:, 1] - vs.logprobs[:, 0], vs), ts
 
-    def location_logprobs(self, img: torch.Tensor, type_pick: Sequence[str | None],
-                          bias: torch.Tensor | None = None) -> torch.Tensor:
+    def location_logprobs(self, img: torch.Tensor | None, type_pick: Sequence[str | None],
+                          bias: torch.Tensor | None = None, ctx: Context | None = None) -> torch.Tensor:
         """log P(location | defective, type) over the location options (the grid words, then 'none'), from the
-        projected image tokens `img` and each image's chosen type; `bias` (N, number of grid words) is added to
-        the grid words' scores and the whole renormalised."""
+        projected image tokens `img` (or the batch's `Context`) and each image's chosen type; `bias` (N, number
+        of grid words) is added to the grid words' scores and the whole renormalised."""
         L = self.layout
         tails = [L.field_ids["verdict"] + L.option("verdict", "defective") + L.field_ids["type"]
                  + L.option("type", t) + L.field_ids["location"] for t in type_pick]
-        with torch.inference_mode():
-            e, m = self.contexts(img, tails)
-            lp = score_options(self.lm, e, m, L.options["location"]).logprobs
+        ctx = ctx if ctx is not None else self.context(img=img)
+        lp = ctx.score(tails, L.options["location"]).logprobs
         if bias is not None:
             k = bias.shape[1]
             lp = torch.cat([lp[:, :k] + bias.to(lp.dtype), lp[:, k:]], 1).log_softmax(-1)
@@ -250,16 +351,22 @@ class VisionLM:
                 p_defective: Sequence[float] | None = None,
                 verdict: tuple[torch.Tensor, Any] | None = None, min_reason_tokens: int = 0,
                 type_lp: torch.Tensor | None = None, location_bias: torch.Tensor | None = None,
-                type_bias: torch.Tensor | None = None) -> list[Prediction]:
+                type_bias: torch.Tensor | None = None, ctx: Context | None = None) -> list[Prediction]:
         """Answer for a batch of images. `p_defective` (e.g. an ensemble with anomaly evidence) may override the
         LM's calibrated P(defective) for the verdict; the LM's own score is kept beside it. `verdict` passes
         the result of `verdict_logits(tokens)` when the caller already has it. `min_reason_tokens` forbids
         stopping before that many reason tokens (the stricter retry of an empty reason). `location_bias` (N, number of
         locations) is added to the LM's location log-probabilities before the choice (the anomaly map's evidence);
         the reason is then generated after the chosen location, so it describes it. `type_bias` (N, number of
-        types) is added to the calibrated type log-probabilities the same way (the defect-patch kNN's votes)."""
+        types) is added to the calibrated type log-probabilities the same way (the defect-patch kNN's votes).
+        Every field and the reason are asked of one `Context` (`ctx`, the one `verdict_and_type` used, or a new
+        one): the prompt and the image run through the LM once."""
         L, schema = self.layout, self.layout.schema
-        d, vs = verdict if verdict is not None else self.verdict_logits(tokens)
+        ctx = ctx if ctx is not None else self.context(tokens)
+        if verdict is None or type_lp is None:
+            v2, t2 = self.verdict_and_type(tokens, ctx)
+            verdict, type_lp = verdict if verdict is not None else v2, type_lp if type_lp is not None else t2
+        d, vs = verdict
         p_lm = torch.sigmoid(d / self.verdict_temperature)
         p = torch.tensor(list(p_defective)) if p_defective is not None else p_lm
         n = len(tokens)
@@ -267,8 +374,6 @@ class VisionLM:
         soft: list[list[dict[str, Any]]] = [[] for _ in range(n)]
         for i in range(n):
             soft[i].append(_topk("verdict", vs.vocab_logprobs[i], top_k))
-        if type_lp is None:
-            type_lp = self.type_logprobs(tokens)
         if types:
             z = type_lp / self.type_temperature
             type_p = torch.softmax(z + type_bias.to(z.dtype) if type_bias is not None else z, -1)
@@ -276,11 +381,10 @@ class VisionLM:
         else:
             type_p, type_pick = torch.zeros(n, 0), [None] * n
         verdicts = ["defective" if float(p[i]) >= 0.5 else "good" for i in range(n)]
-        img = self.projector(tokens)
         loc_probs: list[dict[str, float]] = [{} for _ in range(n)]
         locs: list[str | None] = [None] * n
         if schema.locations:
-            lp = self.location_logprobs(img, type_pick, location_bias)
+            lp = self.location_logprobs(None, type_pick, location_bias, ctx=ctx)
             opts = schema.options()["location"]
             for i in range(n):
                 loc_probs[i] = {o: round(float(v), 6) for o, v in zip(opts, lp[i].exp())}
@@ -294,13 +398,7 @@ class VisionLM:
         tails = [L.field_ids["verdict"] + L.option("verdict", v) + L.field_ids["type"] + L.option("type", t)
                  + L.field_ids["location"] + L.option("location", loc) + L.field_ids["reason"]
                  for v, t, loc in answers_prefix]
-        with torch.inference_mode():
-            e, m = self.contexts(img, tails)
-            out = self.lm.generate(inputs_embeds=e, attention_mask=m, max_new_tokens=max_reason_tokens,
-                                   min_new_tokens=min_reason_tokens or None,
-                                   do_sample=False, eos_token_id=L.stops, pad_token_id=L.end,
-                                   output_scores=True, return_dict_in_generate=True)
-        seqs = out.sequences
+        seqs, step_scores = ctx.generate(tails, max_reason_tokens, min_reason_tokens, L.stops)
         stop_set = set(L.stops)
         preds = []
         for i in range(n):
@@ -308,7 +406,7 @@ class VisionLM:
             stop = next((k for k, t in enumerate(ids) if t in stop_set), len(ids))
             gen = ids[:stop]
             for step in range(len(gen)):
-                soft[i].append(_topk(f"reason:{step}", torch.log_softmax(out.scores[step][i].float(), -1), top_k))
+                soft[i].append(_topk(f"reason:{step}", torch.log_softmax(step_scores[step][i], -1), top_k))
             reason = self.tok.decode(gen, skip_special_tokens=True).strip()
             v, t, loc = answers_prefix[i]
             preds.append(Prediction(

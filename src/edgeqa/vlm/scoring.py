@@ -54,6 +54,12 @@ def first_token_scores(logits: Any, option_ids: Sequence[Sequence[int]]) -> Opti
     return OptionScores(torch.log_softmax(vocab[:, first], dim=-1), "first_token", vocab)
 
 
+def positions(mask: Any) -> Any:
+    """Position ids from an attention mask: each row counts its visible columns, so left padding and hidden
+    columns (mask 0) take no position."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def score_options(model: Any, inputs_embeds: Any, attention_mask: Any, option_ids: Sequence[Sequence[int]],
                   method: Method = "auto") -> OptionScores:
     """Score options after a batch of contexts given as embeddings (batch, length, hidden), left-padded.
@@ -65,35 +71,45 @@ def score_options(model: Any, inputs_embeds: Any, attention_mask: Any, option_id
 
     if method == "auto":
         method = "first_token" if first_tokens_distinct(option_ids) else "sequence"
-    def positions(mask: Any) -> Any:  # left padding: count positions from each row's first real token
-        return (mask.long().cumsum(-1) - 1).clamp(min=0)
+    if method not in ("first_token", "sequence"):
+        raise ValueError(f"unknown scoring method {method!r}; allowed: auto, first_token, sequence")
+    with torch.inference_mode():
+        out = model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                    position_ids=positions(attention_mask), use_cache=method == "sequence", logits_to_keep=1)
+        return score_after(model, out.logits[:, -1, :], out.cache, attention_mask, option_ids, method)
 
+
+def score_after(model: Any, last_logits: Any, cache: Any, attention_mask: Any, option_ids: Sequence[Sequence[int]],
+                method: Method = "auto") -> OptionScores:
+    """Score options after contexts that already ran: `last_logits` (batch, vocab) at each context's last
+    position, and, for the sequence method, the contexts' KV `cache` and `attention_mask` (left padding and
+    hidden columns allowed; the cache is copied, never changed)."""
+    import torch
+
+    if method == "auto":
+        method = "first_token" if first_tokens_distinct(option_ids) else "sequence"
     with torch.inference_mode():
         if method == "first_token":
-            logits = model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                           position_ids=positions(attention_mask)).logits[:, -1, :]
-            return first_token_scores(logits, option_ids)
+            return first_token_scores(last_logits, option_ids)
         elif method == "sequence":
-            # The context runs once. Options share continuations: every distinct "option minus its last token"
-            # (" upper" for " upper left" and " upper right") runs once, all those of one length in one batch on
-            # a copy of the context's KV cache repeated per continuation.
+            # Options share continuations: every distinct "option minus its last token" (" upper" for " upper
+            # left" and " upper right") runs once, all those of one length in one batch on a copy of the
+            # context's KV cache repeated per continuation.
             import copy
 
-            out = model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                        position_ids=positions(attention_mask), use_cache=True)
-            first_lp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
-            b = inputs_embeds.shape[0]
+            first_lp = torch.log_softmax(last_logits.float(), dim=-1)
+            b = last_logits.shape[0]
             heads = sorted({tuple(ids[:-1]) for ids in option_ids if len(ids) > 1})
             step_lp: dict[tuple[int, ...], Any] = {}  # head -> (batch, len(head), vocab) log-probs
             for n in sorted({len(h) for h in heads}):
                 group = [h for h in heads if len(h) == n]
                 k = len(group)
-                cache = copy.deepcopy(out.cache)
-                cache.batch_repeat_interleave(k)  # rows: image 0 x k heads, image 1 x k heads, ...
-                rest = torch.tensor(group, device=inputs_embeds.device).repeat(b, 1)
+                c = copy.deepcopy(cache)
+                c.batch_repeat_interleave(k)  # rows: image 0 x k heads, image 1 x k heads, ...
+                rest = torch.tensor(group, device=last_logits.device).repeat(b, 1)
                 m = torch.cat([attention_mask.repeat_interleave(k, 0), attention_mask.new_ones(b * k, n)], 1)
                 step = model(input_ids=rest, attention_mask=m, position_ids=positions(m)[:, -n:],
-                             cache=cache, use_cache=True)
+                             cache=c, use_cache=True)
                 lp = torch.log_softmax(step.logits.float(), dim=-1).view(b, k, n, -1)
                 for j, h in enumerate(group):
                     step_lp[h] = lp[:, j]
