@@ -248,6 +248,8 @@ class VisionLM:
 
     def context(self, tokens: torch.Tensor | None = None, img: torch.Tensor | None = None) -> Context:
         """The batch's prompt run once through the LM (`Context`), from image tokens or projected embeddings."""
+        if tokens is None and img is None:
+            raise ValueError("VisionLM.context needs image tokens or projected image embeddings (img)")
         with torch.inference_mode():
             img = self.projector(tokens) if img is None else img
             b = img.shape[0]
