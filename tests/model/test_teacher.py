@@ -29,7 +29,9 @@ def test_teacher_folder_is_saved_the_hugging_face_way(tiny_teacher, tiny_params)
     assert (d / "projector" / "config.json").exists() and (d / "adapter" / "adapter_config.json").exists()
     assert (d / "anomaly_bank.safetensors").exists()
     meta = TeacherMeta(**json.loads((d / "teacher.json").read_text()))
-    assert meta.types and meta.verdict_temperature > 0 and set(meta.ensemble) == {"w_lm", "w_anomaly", "bias"}
+    assert meta.types and meta.verdict_temperature > 0
+    assert set(meta.ensemble) == {"w_lm", "w_anomaly", "w_head", "bias"}, "the tiny profile trains the vision head"
+    assert (d / "vision_head.safetensors").exists() and meta.vision_head and meta.head_std > 0
     adapter = json.loads((d / "adapter" / "adapter_config.json").read_text())
     assert set(adapter["target_modules"]) == set(tiny_params.teacher.lora_targets)
     p1 = Projector.from_pretrained(d / "projector").eval()
@@ -45,6 +47,7 @@ def test_sft_reduces_the_held_out_loss_and_reports_lm_beside_ensemble(tiny_teach
     assert m["val_auroc_lm"] is not None and m["val_auroc_ensemble"] is not None
     report = tiny_teacher["report"].read_text()
     assert "LM alone (calibrated)" in report and "ensemble (fitted on val)" in report
+    assert m["val_auroc_vision_head"] is not None and "supervised vision head alone" in report
     assert list((tiny_teacher["live"] / "plots" / "metrics").glob("*.tsv")), "DVCLive curves"
 
 
@@ -98,6 +101,7 @@ def test_the_location_weight_is_fitted_on_val_and_the_anomaly_map_moves_the_choi
 
     follows_map = sum(a == b for a, b in zip(chosen(EVIDENCE_WEIGHTS[-1]), top))
     assert follows_map >= 7, (follows_map, top)
+    t.meta.type_anomaly_weight = t.meta.type_head_weight = 0.0  # the type the location context holds: the LM's own
     lm_alone = chosen(0.0)
     with torch.no_grad():
         x = torch.from_numpy(f["tokens"])

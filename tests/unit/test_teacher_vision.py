@@ -153,3 +153,67 @@ def test_type_evidence_votes_for_the_type_of_the_nearest_defect_patches(tmp_path
     Image.fromarray(m).save(tmp_path / "m.png")
     cells = mask_cells(tmp_path / "m.png", 4).reshape(4, 4)
     assert cells[2:, 0].all() and cells[:2].sum() == 0 and cells[:, 2:].sum() == 0
+
+
+def test_a_three_part_ensemble_leans_on_the_informative_part_and_needs_every_part_it_was_fitted_with():
+    y, strong, noise = _val(2)
+    rng = np.random.default_rng(3)
+    z = lambda v: (v - v.mean()) / v.std()  # noqa: E731
+    weak = y * 0.5 + rng.normal(0, 1, len(y))
+    e = fit_ensemble(z(noise), z(weak), y, z(strong))
+    s = e["w_lm"] * z(noise) + e["w_anomaly"] * z(weak) + e["w_head"] * z(strong)
+    assert auroc(y, s) >= auroc(y, strong) - 1e-9
+    assert e["w_head"] > e["w_anomaly"] >= 0 and e["w_head"] > e["w_lm"] >= 0, e
+    e2 = fit_ensemble(z(noise), None, y, z(strong))  # anomaly evidence off, the head on
+    assert e2["w_anomaly"] == 0.0 and e2["w_head"] > e2["w_lm"], e2
+    meta = TeacherMeta(base_lm_dir="x", image_size=224, grid=4, types=[], locations=[], verdict_temperature=1.0,
+                       type_temperature=1.0, anomaly=True, ensemble=e, anomaly_mean=float(weak.mean()),
+                       anomaly_std=float(weak.std()), lm_mean=float(noise.mean()), lm_std=float(noise.std()),
+                       vision_head={"grid": 2, "hidden": 8, "n_types": 0}, head_mean=float(strong.mean()),
+                       head_std=float(strong.std()))
+    p = ensemble_p(meta, noise, weak, strong)
+    assert np.allclose(p, 1 / (1 + np.exp(-(s + e["bias"]))))
+    with pytest.raises(StageError, match="vision head's logits"):
+        ensemble_p(meta, noise, weak, None)
+
+
+def _h7(n, seed=0):
+    """Block-7-shaped maps (80 channels, 8x8); a defective one has a bright 2x2 spot somewhere."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, 80, 8, 8, generator=g) * 0.5
+    y = (torch.arange(n) % 2).numpy()
+    for i in np.flatnonzero(y):
+        r, c = torch.randint(0, 7, (2,), generator=g).tolist()
+        h[i, :, r:r + 2, c:c + 2] += 3.0
+    return h, y
+
+
+def test_the_vision_head_learns_a_verdict_and_round_trips_through_its_file(lite0, tmp_path):
+    from edgeqa.teacher.vision_head import HEAD_FILE, VisionHead, head_scores, load_head, save_head, train_head
+
+    torch.manual_seed(0)
+    h, y = _h7(64)
+    types = np.where(y == 1, np.arange(64) % 4 // 2 + 0, -1)  # two types among the defective rows (0 and 1)
+    head = VisionHead.from_backbone(lite0, 2, 3, 32)
+    before = head_scores(head, h[:8])[0]
+    train_head(head, h, y, types, steps=40, lr=2e-3, lr_vision=5e-4, batch_size=16, seed=0)
+    hv, y_va = _h7(32, seed=1)
+    v, t = head_scores(head, hv)
+    assert auroc(y_va, v) >= 0.9, auroc(y_va, v)
+    assert t.shape == (32, 2) and np.allclose(np.exp(t).sum(1), 1, atol=1e-5)
+    assert not np.allclose(before, head_scores(head, h[:8])[0]), "trained"
+    assert all(torch.equal(a, b) for a, b in zip(lite0.state_dict().values(), load_lite0().state_dict().values())), \
+        "the backbone's own blocks are copied, never trained"
+    f = tmp_path / HEAD_FILE
+    save_head(head, f)
+    again = load_head(f, lite0, head.config())
+    assert np.array_equal(head_scores(again, hv)[0], v)
+    with pytest.raises(StageError, match="vision_head.safetensors is missing"):
+        load_head(tmp_path / "nope" / HEAD_FILE, lite0, head.config())
+    state = {k: v.clone() for k, v in head.state_dict().items()}
+    state["verdict.weight"] = torch.zeros(3, 3)
+    save_file(state, str(f))
+    with pytest.raises(StageError, match=r"verdict\.weight.*shape \(3, 3\)"):
+        load_head(f, lite0, head.config())
+    with pytest.raises(StageError, match="needs good and defective"):
+        train_head(head, h[y == 1], y[y == 1], types[y == 1], 5, 1e-3, 1e-3, 8, 0)

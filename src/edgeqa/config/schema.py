@@ -233,6 +233,12 @@ class TeacherConfig(_Section):
     top_k: int = Field(ge=1, le=100)
     threads: int = Field(ge=1, le=64)
     device: Literal["auto", "cpu", "cuda"] = "cpu"  # where teacher_sft trains (labelling stays on the CPU)
+    # the supervised vision head (edgeqa.teacher.vision_head): 0 steps = off
+    vision_head_steps: int = Field(default=0, ge=0, le=100000)
+    vision_head_lr: float = Field(default=0.002, gt=0, le=1)
+    vision_head_lr_vision: float = Field(default=0.0005, gt=0, le=1)
+    vision_head_grid: int = Field(default=7, ge=1, le=14)
+    vision_head_hidden: int = Field(default=256, ge=8, le=4096)
 
     @field_validator("token_blocks")
     @classmethod
@@ -247,6 +253,9 @@ class TeacherConfig(_Section):
     def _hf_path(self) -> TeacherConfig:
         if self.backend == "hf" and not self.hf.path:
             raise ValueError("teacher.hf.path must name a Hugging Face VLM folder when teacher.backend is hf")
+        if self.vision_head_steps and self.vision_tune_from is not None and self.vision_tune_from < 8:
+            raise ValueError(f"teacher.vision_head_steps > 0 reads the ImageNet output of Lite0 block 7, but "
+                             f"teacher.vision_tune_from {self.vision_tune_from} tunes it; use null or 8 and above")
         return self
 
 

@@ -46,6 +46,10 @@ class TeacherMeta:
     type_anomaly_weight: float = 0.0  # the defect-patch kNN's weight in the type choice, fitted on val (0: LM alone)
     type_top_patches: int = 3  # the image's most anomalous patches that vote for a type
     type_neighbours: int = 5   # the nearest labelled defect patches each of them asks
+    vision_head: dict[str, int] | None = None  # the supervised vision head's shape (grid, hidden, n_types); None: none
+    head_mean: float = 0.0  # the head's verdict logit, standardised on val for the ensemble (as lm_mean / lm_std)
+    head_std: float = 1.0
+    type_head_weight: float = 0.0  # the head's type log-probabilities' weight in the type choice, fitted on val
 
     def schema(self) -> AnswerSchema:
         return AnswerSchema(types=tuple(self.types), locations=tuple(self.locations))
@@ -123,15 +127,26 @@ def location_bias(meta: TeacherMeta, cells: np.ndarray) -> np.ndarray:
     return meta.location_anomaly_weight * location_evidence(cells, meta.anomaly_std)
 
 
-def ensemble_p(meta: TeacherMeta, lm_logit: np.ndarray, anomaly: np.ndarray | None) -> np.ndarray:
-    """Calibrated P(defective): the LM alone (temperature), or the ensemble fitted on val when anomaly is on."""
+def ensemble_p(meta: TeacherMeta, lm_logit: np.ndarray, anomaly: np.ndarray | None,
+               head: np.ndarray | None = None) -> np.ndarray:
+    """Calibrated P(defective): the LM alone (temperature), or the ensemble fitted on val when the teacher has
+    anomaly evidence or a vision head. A part the teacher was fitted with must be given."""
     z = lm_logit / meta.verdict_temperature
-    if not meta.anomaly or anomaly is None:
+    use_anomaly, use_head = meta.anomaly, meta.vision_head is not None
+    if not use_anomaly and not use_head:
         return 1 / (1 + np.exp(-z))
-    a = (anomaly - meta.anomaly_mean) / meta.anomaly_std
+    if (use_anomaly and anomaly is None) or (use_head and head is None):
+        raise StageError("ensemble_p: the teacher's verdict ensemble needs "
+                         + " and ".join(n for n, u, v in (("the anomaly scores", use_anomaly, anomaly),
+                                                          ("the vision head's logits", use_head, head))
+                                        if u and v is None))
     e = meta.ensemble
-    zs = (z - meta.lm_mean) / meta.lm_std
-    return 1 / (1 + np.exp(-(e["w_lm"] * zs + e["w_anomaly"] * a + e["bias"])))
+    s = e["w_lm"] * (z - meta.lm_mean) / meta.lm_std + e["bias"]
+    if use_anomaly and anomaly is not None:
+        s = s + e["w_anomaly"] * (anomaly - meta.anomaly_mean) / meta.anomaly_std
+    if use_head and head is not None:
+        s = s + e.get("w_head", 0.0) * (head - meta.head_mean) / meta.head_std
+    return 1 / (1 + np.exp(-s))
 
 
 def load_tuned_vision(path: Path, backbone: Any) -> dict[str, Any]:
@@ -186,6 +201,11 @@ class LocalTeacher:
         self.model = VisionLM(lm, tok, projector, Layout.build(tok, self.meta.schema()),
                               self.meta.verdict_temperature, self.meta.type_temperature)
         self.backbone = teacher_backbone(folder, self.meta.vision_tuned_from)
+        self.head = None
+        if self.meta.vision_head is not None:
+            from edgeqa.teacher.vision_head import HEAD_FILE, load_head
+
+            self.head = load_head(folder / HEAD_FILE, self.backbone, self.meta.vision_head)
         banks = load_file(str(folder / "anomaly_bank.safetensors")) if self.meta.anomaly else {}
         self.bank = banks.get("bank")
         self.type_bank, self.type_of = banks.get("type_bank"), banks.get("type_of")
@@ -199,7 +219,8 @@ class LocalTeacher:
 
     def parameters(self) -> int:
         """Every parameter loaded at inference: LM (embeddings included, LoRA merged), projector, vision backbone."""
-        return sum(p.numel() for m in (self.model.lm, self.model.projector, self.backbone) for p in m.parameters())
+        parts = [self.model.lm, self.model.projector, self.backbone, *([self.head] if self.head is not None else [])]
+        return sum(p.numel() for m in parts for p in m.parameters())
 
     def usage(self) -> None:
         return None
@@ -210,16 +231,20 @@ class LocalTeacher:
         is an empty reason; `strict` (the retry) then forbids stopping before a few reason tokens."""
         import torch
 
+        from edgeqa.teacher.vision_head import START, head_scores
         from edgeqa.vlm.vision import image_features
 
         f = image_features(self.backbone, paths, self.meta.image_size, self.meta.grid,
-                           token_blocks=self.meta.token_blocks)
+                           token_blocks=self.meta.token_blocks, keep=[START - 1] if self.head is not None else [])
+        head_v = head_t = None
+        if self.head is not None:
+            head_v, head_t = head_scores(self.head, torch.from_numpy(f[f"block{START - 1}"]))
         tokens = torch.from_numpy(f["tokens"])
         ctx = self.model.context(tokens)  # the prompt and image run once; every field and the reason reuse it
         verdict, type_lp = self.model.verdict_and_type(tokens, ctx)
         maps = anomaly_maps(f["patches"], self.bank) if self.bank is not None else None
         anomaly = maps.max(axis=1) if maps is not None else None
-        p = ensemble_p(self.meta, verdict[0].numpy(), anomaly)
+        p = ensemble_p(self.meta, verdict[0].numpy(), anomaly, head_v)
         bias = tbias = None
         if maps is not None and self.meta.location_anomaly_weight and self.meta.locations:
             bias = torch.from_numpy(location_bias(self.meta, cell_evidence(maps)))
@@ -228,6 +253,9 @@ class LocalTeacher:
             ev = type_evidence(maps, f["patches"], self.type_bank, self.type_of, len(self.meta.types),
                                self.meta.type_top_patches, self.meta.type_neighbours)
             tbias = torch.from_numpy(self.meta.type_anomaly_weight * ev).float()
+        if head_t is not None and self.meta.type_head_weight and self.meta.types:
+            hb = torch.from_numpy(self.meta.type_head_weight * head_t).float()
+            tbias = hb if tbias is None else tbias + hb
         preds = self.model.predict(tokens, max_reason_tokens, top_k, p_defective=p.tolist(), verdict=verdict,
                                    min_reason_tokens=min(3, max_reason_tokens) if strict else 0, type_lp=type_lp,
                                    location_bias=bias, type_bias=tbias, ctx=ctx)

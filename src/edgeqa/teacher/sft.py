@@ -95,21 +95,31 @@ def align_projector(proj: Any, tokens_of: Any, answers: Sequence[Answer], schema
     return curve
 
 
-def fit_ensemble(lm_z: np.ndarray, anomaly_z: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """The verdict ensemble, fitted on val: the mixing weight w of w * lm_z + (1 - w) * anomaly_z that ranks val
-    best (a grid of 21; ties go to the more even mix), then a Platt scaling of that score for P(defective).
-    One ranking parameter and two for calibration: a two-feature logistic regression on ~50 val images ranked
-    below its better part (it fits log loss, and a few confident LM mistakes dominate that)."""
+def fit_ensemble(lm_z: np.ndarray, anomaly_z: np.ndarray | None, y: np.ndarray,
+                 head_z: np.ndarray | None = None) -> dict[str, float]:
+    """The verdict ensemble, fitted on val: the convex mix of the standardised parts (the LM, the anomaly kNN
+    when given, the vision head when given) that ranks val best, then a Platt scaling of that score for
+    P(defective). The mixes are a grid on the simplex: steps of 0.05 for two parts (21 mixes), 0.1 for three
+    (66); ties go to the more even mix. Few ranking parameters and two for calibration: a logistic regression
+    on the parts themselves, on ~50 val images, ranked below its better part (it fits log loss, and a few
+    confident LM mistakes dominate that)."""
+    import itertools
+
     from sklearn.linear_model import LogisticRegression
 
-    grid = np.linspace(0.0, 1.0, 21)
-    scores = [auroc(y, w * lm_z + (1 - w) * anomaly_z) or 0.0 for w in grid]
-    best = max(range(len(grid)), key=lambda i: (round(scores[i], 9), -abs(grid[i] - 0.5)))
-    w = float(grid[best])
-    s = w * lm_z + (1 - w) * anomaly_z
+    parts = {"w_lm": lm_z, "w_anomaly": anomaly_z, "w_head": head_z}
+    names = [k for k, v in parts.items() if v is not None]
+    x = np.stack([np.asarray(parts[k], np.float64) for k in names], 1)
+    n = 20 // max(1, len(names) - 1)
+    mixes = [np.array(c, np.float64) / n for c in itertools.product(range(n + 1), repeat=len(names)) if sum(c) == n]
+    scores = [auroc(y, x @ w) or 0.0 for w in mixes]
+    even = np.full(len(names), 1 / len(names))
+    best = max(range(len(mixes)), key=lambda i: (round(scores[i], 9), -float(((mixes[i] - even) ** 2).sum())))
+    w = mixes[best]
+    s = x @ w
     lr = LogisticRegression(C=1.0).fit(s[:, None], y)
     a, b = float(lr.coef_[0, 0]), float(lr.intercept_[0])
-    return {"w_lm": a * w, "w_anomaly": a * (1 - w), "bias": b}
+    return {"w_lm": 0.0, "w_anomaly": 0.0} | {k: a * float(wk) for k, wk in zip(names, w)} | {"bias": b}
 
 
 EVIDENCE_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 256.0)  # 256: the map decides
@@ -263,6 +273,25 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
         a_tr += [mirror_answer(a) for a in a_tr]
     ftr = vision.features(h_tr)
     fva = vision.features(h_va)
+    head = head_t_va = head_v_va = None
+    head_curve: list[dict[str, float]] = []
+    if cfg.vision_head_steps:  # trained first, from ImageNet's block-7 output (the LM never sees it)
+        from edgeqa.teacher.vision_head import START, VisionHead, head_scores, train_head, trunk_output
+
+        paths_tr = list(train.path)
+        h7_tr = torch.cat([trunk_output(backbone, paths_tr, cfg.image_size, START, dev),
+                           trunk_output(backbone, paths_tr, cfg.image_size, START, dev, flip=True)])
+        h7_va = trunk_output(backbone, list(val.path), cfg.image_size, START, dev)
+        defective = np.tile((train.label == "defective").to_numpy(), 2)
+        type_idx = np.tile(np.array([list(schema.types).index(t) if lab == "defective" and t in schema.types
+                                     else -1 for lab, t in zip(train.label, train.defect_type)]), 2)
+        head = VisionHead.from_backbone(backbone, len(schema.types), cfg.vision_head_grid,
+                                        cfg.vision_head_hidden).to(dev)
+        head_curve = train_head(head, h7_tr, defective, type_idx, cfg.vision_head_steps, cfg.vision_head_lr,
+                                cfg.vision_head_lr_vision, 16, cfg.seed)
+        head.to("cpu")
+        head_v_va, head_t_va = head_scores(head, h7_va.cpu())
+        del h7_tr, h7_va
     t_feat = time.perf_counter() - t0
     tuned = cfg.vision_tune_from is not None
 
@@ -372,37 +401,51 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
     # anomaly evidence and the ensemble, fitted on val
     ens, a_mean, a_std, auc_anom, auc_ens = {"w_lm": 1.0, "w_anomaly": 0.0, "bias": 0.0}, 0.0, 1.0, None, None
     bank, a_va_scores, maps_va = None, None, None
-    lm_mean, lm_std = 0.0, 1.0
+    lm_mean, lm_std, h_mean, h_std = 0.0, 1.0, 0.0, 1.0
+    if len(set(y_va.tolist())) < 2 and (cfg.anomaly or head is not None):
+        raise StageError(f"teacher_sft: the verdict ensemble is fitted on val, which needs good and defective "
+                         f"images; {manifest} has {len(val)} val images, all "
+                         f"{'defective' if y_va.all() else 'good'}")
     if cfg.anomaly:
         good = np.flatnonzero((train.label == "good").to_numpy())
         bank = ftr["patches"][good].reshape(-1, ftr["patches"].shape[-1])
         maps_va = anomaly_maps(fva["patches"], bank)  # scaled on val: train patches are in the bank
         a_va_scores = maps_va.max(axis=1)
         a_mean, a_std = float(a_va_scores.mean()), float(a_va_scores.std() + 1e-6)
-        # Both standardised on val: the calibrated LM logit is bimodal and wide (about -2..16 on demo val), the
+        auc_anom = auroc(y_va, a_va_scores)
+    if head_v_va is not None:
+        h_mean, h_std = float(head_v_va.mean()), float(head_v_va.std() + 1e-6)
+    if cfg.anomaly or head_v_va is not None:
+        # All standardised on val: the calibrated LM logit is bimodal and wide (about -2..16 on demo val), the
         # kNN distance heavy-tailed.
         lm_mean, lm_std = float((d_va / t_verdict).mean()), float((d_va / t_verdict).std() + 1e-6)
-        ens = fit_ensemble((d_va / t_verdict - lm_mean) / lm_std, (a_va_scores - a_mean) / a_std, y_va)
-        auc_anom = auroc(y_va, a_va_scores)
+        ens = fit_ensemble((d_va / t_verdict - lm_mean) / lm_std,
+                           None if a_va_scores is None else (a_va_scores - a_mean) / a_std, y_va,
+                           None if head_v_va is None else (head_v_va - h_mean) / h_std)
     meta = TeacherMeta(base_lm_dir=str(base_lm_dir), image_size=cfg.image_size, grid=cfg.grid,
                        types=list(schema.types), locations=list(schema.locations), verdict_temperature=t_verdict,
                        type_temperature=t_type, anomaly=cfg.anomaly, ensemble=ens, anomaly_mean=a_mean,
                        anomaly_std=a_std, token_blocks=list(cfg.token_blocks), vision_tuned_from=cfg.vision_tune_from,
-                       lm_mean=lm_mean, lm_std=lm_std)
+                       lm_mean=lm_mean, lm_std=lm_std, head_mean=h_mean, head_std=h_std,
+                       vision_head=None if head is None else head.config())
     # second opinions from the anomaly map for the type and the location, each weighted on val beside the LM's
     type_acc_mix: dict[str, float] | None = None
+    type_acc_head: dict[str, float] | None = None
     loc_acc: dict[str, float] | None = None
     type_bank = type_of = None
     picks_dv: list[str | None] = []
-    if maps_va is not None and bank is not None and type_lp_dv is not None and tgt is not None:
+    if type_lp_dv is not None and tgt is not None:
         zt = z_dv = type_lp_dv / t_type
-        if cfg.anomaly_type:
+        if cfg.anomaly_type and maps_va is not None and bank is not None:
             type_bank, type_of = defect_patch_bank(ftr["patches"][:len(train)], train, list(schema.types))
             if len(type_bank):
                 ev = type_evidence(maps_va[dv], fva["patches"][dv], type_bank, type_of, len(schema.types),
                                    meta.type_top_patches, meta.type_neighbours)
                 meta.type_anomaly_weight, type_acc_mix = fit_evidence_weight(z_dv, ev, tgt, "type")
                 zt = z_dv + meta.type_anomaly_weight * ev
+        if head_t_va is not None:  # the head's opinion on top of the LM's (and the kNN's) choice
+            meta.type_head_weight, type_acc_head = fit_evidence_weight(zt, head_t_va[dv], tgt, "type")
+            zt = zt + meta.type_head_weight * head_t_va[dv]
         picks_dv = [schema.types[j] for j in zt.argmax(1).tolist()]
     dl = np.flatnonzero(((val.label == "defective") & val.location.notna()).to_numpy())
     if cfg.anomaly_location and schema.locations and maps_va is not None and len(dl):
@@ -415,10 +458,10 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
         truth = np.array([schema.locations.index(w) for w in val.location.iloc[dl]])
         meta.location_anomaly_weight, loc_acc = fit_evidence_weight(
             lp, location_evidence(cell_evidence(maps_va[dl]), a_std), truth, "location")
-    if cfg.anomaly:
+    if cfg.anomaly or head_v_va is not None:
         from edgeqa.teacher.local import ensemble_p
 
-        auc_ens = auroc(y_va, ensemble_p(meta, d_va, a_va_scores))
+        auc_ens = auroc(y_va, ensemble_p(meta, d_va, a_va_scores, head_v_va))
     for m in trained:
         m.to("cpu")
     with atomic_dir(out) as tmp:
@@ -431,6 +474,10 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
             save_file(banks, str(tmp / "anomaly_bank.safetensors"))
         if tuned:
             save_torch({k: v.contiguous() for k, v in vision.state().items()}, str(tmp / VISION_FILE))
+        if head is not None:
+            from edgeqa.teacher.vision_head import HEAD_FILE, save_head
+
+            save_head(head, tmp / HEAD_FILE)
         (tmp / "teacher.json").write_text(json.dumps(meta.__dict__, indent=2) + "\n")
     dt = time.perf_counter() - t0
     lm_params = sum(q.numel() for q in lm.parameters())
@@ -438,6 +485,13 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
         "train_images": len(train), "val_images": len(val), "epochs_run": len(history),
         "initial_val_loss": initial_val_loss, "best_val_loss": best, "val_auroc_lm": auroc(y_va, d_va),
         "val_auroc_anomaly": auc_anom,
+        "val_auroc_vision_head": None if head_v_va is None else auroc(y_va, head_v_va),
+        "vision_head_steps": cfg.vision_head_steps,
+        "vision_head_final_loss": head_curve[-1]["loss"] if head_curve else None,
+        "val_type_accuracy_vision_head": None if head_t_va is None or tgt is None
+        else float((head_t_va[dv].argmax(1) == tgt).mean()),
+        "type_head_weight": meta.type_head_weight,
+        "val_type_accuracy_with_head": type_acc_head["ensemble"] if type_acc_head else None,
         "val_auroc_ensemble": auc_ens, "val_type_accuracy_lm": type_acc, "verdict_temperature": t_verdict,
         "type_temperature": t_type, "seconds": round(dt, 2), "feature_seconds": round(t_feat, 2),
         "parameters": int(lm_params + sum(q.numel() for q in proj.parameters())
@@ -457,7 +511,9 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
     if report:
         rows: list[list[Any]] = [[h["epoch"], h["train_loss"], h["val_loss"], h["val_auroc_lm"]] for h in history]
         auc_rows: list[list[Any]] = [["LM alone (calibrated)", res["val_auroc_lm"]],
-                                     ["patch-kNN anomaly alone", auc_anom], ["ensemble (fitted on val)", auc_ens]]
+                                     ["patch-kNN anomaly alone", auc_anom],
+                                     ["supervised vision head alone", res["val_auroc_vision_head"]],
+                                     ["ensemble (fitted on val)", auc_ens]]
         atomic_write_text(report, "# teacher_sft\n\n"
                           f"SFT of the local teacher (Lite0 -> projector -> SmolLM2-135M + LoRA r={cfg.lora_r}) on "
                           f"{len(train)} labelled images, early stopping on {len(val)} val images, "
@@ -471,6 +527,9 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
                           + ("" if type_acc_mix is None else
                              f"\nType from the defect-patch kNN alone {type_acc_mix['anomaly']:.3f}, chosen mix "
                              f"{type_acc_mix['ensemble']:.3f} (weight {meta.type_anomaly_weight:g}).\n")
+                          + ("" if type_acc_head is None else
+                             f"\nType from the vision head alone {type_acc_head['anomaly']:.3f}; with it "
+                             f"{type_acc_head['ensemble']:.3f} (weight {meta.type_head_weight:g}).\n")
                           + ("" if loc_acc is None else
                              f"\nLocation on the {len(dl)} defective val images with a mask: LM alone "
                              f"{loc_acc['lm']:.3f}, anomaly map alone {loc_acc['anomaly']:.3f}, chosen mix "

@@ -118,20 +118,25 @@ def check_blocks(token_blocks: Sequence[int]) -> None:
 
 
 def image_features(model: Any, paths: Sequence[str | Path], size: int, grid: int, batch: int = 16,
-                   token_blocks: Sequence[int] = ()) -> dict[str, np.ndarray]:
+                   token_blocks: Sequence[int] = (), keep: Sequence[int] = ()) -> dict[str, np.ndarray]:
     """Per image: `tokens` (grid*grid, 2 * (1280 + the token blocks' channels)) = average and max pooled final
     map, then the same for each map in `token_blocks` (mid-level maps keep the local defect signal that
     ImageNet's last layer discards), for the projector; `patches` (P, 112) = 3x3-neighbourhood-averaged
-    stride-16 features of block 10, for patch anomaly evidence."""
+    stride-16 features of block 10, for patch anomaly evidence; `block<k>` for each k in `keep`: the raw map
+    after block k (the teacher's vision head reads block 7's), from the same pass."""
     import torch
 
-    check_blocks(token_blocks)
-    want = sorted(set(token_blocks) | {10})
+    check_blocks([*token_blocks, *keep])
+    want = sorted(set(token_blocks) | set(keep) | {10})
     toks, pats = [], []
+    kept: dict[int, list[np.ndarray]] = {k: [] for k in keep}
     with torch.inference_mode():
         for i in range(0, len(paths), batch):
             mids, final = lite0_maps(model, to_tensor(paths[i:i + batch], size), want)
             by_block = dict(zip(want, mids))
             toks.append(pool_tokens(final, [by_block[b] for b in token_blocks], grid).numpy())
             pats.append(patch_features(by_block[10]).numpy())
-    return {"tokens": np.concatenate(toks).astype(np.float32), "patches": np.concatenate(pats).astype(np.float32)}
+            for k in keep:
+                kept[k].append(by_block[k].numpy())
+    out = {"tokens": np.concatenate(toks).astype(np.float32), "patches": np.concatenate(pats).astype(np.float32)}
+    return out | {f"block{k}": np.concatenate(v).astype(np.float32) for k, v in kept.items()}
