@@ -45,7 +45,7 @@ def test_unknown_key_is_rejected_with_its_dotted_name():
     (("student", "decoder", "arch"), "mamba", r"student\.decoder\.arch: .*'llama' or 'gpt2'"),
     (("sft", "weights"), {"human": 1.0}, r"sft\.weights: .*exactly \{human"),
     (("sft", "min_teacher_confidence"), 0.3, r"sft\.min_teacher_confidence: .*greater than or equal to 0\.5"),
-    (("teacher", "vision_tune_from"), 4, r"teacher: .*vision_head_steps > 0 reads the ImageNet output of Lite0 block 7"),
+    (("teacher", "vision_tune_from"), 4, r"teacher: .*vision_head_steps > 0 reads the ImageNet output of Lite0"),
     (("sft", "paste", "renderers"), [["crack", "laser"]], r"sft\.paste\.renderers\[0\]\[1\]: .*'crack'"),
     (("distill", "top_k"), 50, r"distill\.top_k \(50\) must be <= teacher\.top_k"),
     (("evaluate", "models"), ["teacher", "Distill"], r"evaluate\.models: .*'Distill'.*lower-case"),
