@@ -32,6 +32,7 @@ def test_teacher_folder_is_saved_the_hugging_face_way(tiny_teacher, tiny_params)
     assert meta.types and meta.verdict_temperature > 0
     assert set(meta.ensemble) == {"w_lm", "w_anomaly", "w_head", "bias"}, "the tiny profile trains the vision head"
     assert (d / "vision_head.safetensors").exists() and meta.vision_head and meta.head_std > 0
+    assert meta.vision_head["members"] == 2, "the tiny profile averages two heads"
     adapter = json.loads((d / "adapter" / "adapter_config.json").read_text())
     assert set(adapter["target_modules"]) == set(tiny_params.teacher.lora_targets)
     p1 = Projector.from_pretrained(d / "projector").eval()
@@ -47,7 +48,8 @@ def test_sft_reduces_the_held_out_loss_and_reports_lm_beside_ensemble(tiny_teach
     assert m["val_auroc_lm"] is not None and m["val_auroc_ensemble"] is not None
     report = tiny_teacher["report"].read_text()
     assert "LM alone (calibrated)" in report and "ensemble (fitted on val)" in report
-    assert m["val_auroc_vision_head"] is not None and "supervised vision head alone" in report
+    assert m["val_auroc_vision_head"] is not None and "supervised vision head alone (mean of 2)" in report
+    assert len(m["val_auroc_vision_head_members"]) == 2 and "vision head 2 of 2" in report
     assert list((tiny_teacher["live"] / "plots" / "metrics").glob("*.tsv")), "DVCLive curves"
 
 

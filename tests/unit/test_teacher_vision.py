@@ -189,7 +189,15 @@ def _h7(n, seed=0):
 
 
 def test_the_vision_head_learns_a_verdict_and_round_trips_through_its_file(lite0, tmp_path):
-    from edgeqa.teacher.vision_head import HEAD_FILE, VisionHead, head_scores, load_head, save_head, train_head
+    from edgeqa.teacher.vision_head import (
+        HEAD_FILE,
+        HeadEnsemble,
+        VisionHead,
+        head_scores,
+        load_head,
+        save_head,
+        train_head,
+    )
 
     torch.manual_seed(0)
     h, y = _h7(64)
@@ -204,16 +212,52 @@ def test_the_vision_head_learns_a_verdict_and_round_trips_through_its_file(lite0
     assert not np.allclose(before, head_scores(head, h[:8])[0]), "trained"
     assert all(torch.equal(a, b) for a, b in zip(lite0.state_dict().values(), load_lite0().state_dict().values())), \
         "the backbone's own blocks are copied, never trained"
-    f = tmp_path / HEAD_FILE
-    save_head(head, f)
-    again = load_head(f, lite0, head.config())
+    f, one = tmp_path / HEAD_FILE, HeadEnsemble([head])
+    save_head(one, f)
+    again = load_head(f, lite0, one.config())
     assert np.array_equal(head_scores(again, hv)[0], v)
     with pytest.raises(StageError, match="vision_head.safetensors is missing"):
-        load_head(tmp_path / "nope" / HEAD_FILE, lite0, head.config())
-    state = {k: v.clone() for k, v in head.state_dict().items()}
-    state["verdict.weight"] = torch.zeros(3, 3)
+        load_head(tmp_path / "nope" / HEAD_FILE, lite0, one.config())
+    state = {k: v.clone() for k, v in one.state_dict().items()}
+    state["heads.0.verdict.weight"] = torch.zeros(3, 3)
     save_file(state, str(f))
     with pytest.raises(StageError, match=r"verdict\.weight.*shape \(3, 3\)"):
-        load_head(f, lite0, head.config())
+        load_head(f, lite0, one.config())
+    with pytest.raises(StageError, match=r"heads\.1\..* of the vision head are missing"):
+        save_head(one, f)
+        load_head(f, lite0, {**one.config(), "members": 2})
     with pytest.raises(StageError, match="needs good and defective"):
         train_head(head, h[y == 1], y[y == 1], types[y == 1], 5, 1e-3, 1e-3, 8, 0)
+
+
+def test_a_head_ensemble_is_the_mean_of_members_trained_from_their_own_seeds(lite0, tmp_path):
+    from edgeqa.teacher.vision_head import (
+        HEAD_FILE,
+        HeadEnsemble,
+        VisionHead,
+        head_scores,
+        load_head,
+        save_head,
+        train_head,
+        train_heads,
+    )
+
+    h, y = _h7(48)
+    types = np.where(y == 1, np.arange(48) % 4 // 2, -1)
+    ens = HeadEnsemble.from_backbone(lite0, 2, 3, 16, members=2)
+    curve = train_heads(ens, h, y, types, steps=20, lr=2e-3, lr_vision=5e-4, batch_size=16, seed=3)
+    assert [c["step"] for c in curve] == [10, 20] and ens.config()["members"] == 2
+    hv, _ = _h7(16, seed=1)
+    (v0, t0), (v1, t1) = head_scores(ens.heads[0], hv), head_scores(ens.heads[1], hv)
+    assert not np.allclose(v0, v1), "each member starts from its own seed"
+    v, t = head_scores(ens, hv)
+    assert np.allclose(v, (v0 + v1) / 2, atol=1e-5)
+    mean_lp = (t0 + t1) / 2
+    assert np.allclose(t, mean_lp - np.log(np.exp(mean_lp).sum(1, keepdims=True)), atol=1e-5)
+    assert np.allclose(np.exp(t).sum(1), 1, atol=1e-5)
+    single = VisionHead.from_backbone(lite0, 2, 3, 16)
+    train_head(single, h, y, types, steps=20, lr=2e-3, lr_vision=5e-4, batch_size=16, seed=4)
+    assert np.allclose(head_scores(single, hv)[0], v1, atol=1e-5), "member i is the head of seed `seed + i`"
+    save_head(ens, tmp_path / HEAD_FILE)
+    again = load_head(tmp_path / HEAD_FILE, lite0, ens.config())
+    assert len(again.heads) == 2 and np.array_equal(head_scores(again, hv)[0], v)

@@ -239,6 +239,7 @@ class TeacherConfig(_Section):
     vision_head_lr_vision: float = Field(default=0.0005, gt=0, le=1)
     vision_head_grid: int = Field(default=7, ge=1, le=14)
     vision_head_hidden: int = Field(default=256, ge=8, le=4096)
+    vision_head_members: int = Field(default=1, ge=1, le=16)  # heads from seeds seed..seed+n-1, averaged
 
     @field_validator("token_blocks")
     @classmethod

@@ -274,9 +274,10 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
     ftr = vision.features(h_tr)
     fva = vision.features(h_va)
     head = head_t_va = head_v_va = None
+    member_v_va: list[np.ndarray] = []
     head_curve: list[dict[str, float]] = []
     if cfg.vision_head_steps:  # trained first, from ImageNet's block-7 output (the LM never sees it)
-        from edgeqa.teacher.vision_head import START, VisionHead, head_scores, train_head, trunk_output
+        from edgeqa.teacher.vision_head import START, HeadEnsemble, head_scores, train_heads, trunk_output
 
         paths_tr = list(train.path)
         h7_tr = torch.cat([trunk_output(backbone, paths_tr, cfg.image_size, START, dev),
@@ -285,12 +286,15 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
         defective = np.tile((train.label == "defective").to_numpy(), 2)
         type_idx = np.tile(np.array([list(schema.types).index(t) if lab == "defective" and t in schema.types
                                      else -1 for lab, t in zip(train.label, train.defect_type)]), 2)
-        head = VisionHead.from_backbone(backbone, len(schema.types), cfg.vision_head_grid,
-                                        cfg.vision_head_hidden).to(dev)
-        head_curve = train_head(head, h7_tr, defective, type_idx, cfg.vision_head_steps, cfg.vision_head_lr,
-                                cfg.vision_head_lr_vision, 16, cfg.seed)
+        # on a forked RNG: the heads seed themselves, and the LM's start below is the same whatever the head config
+        with torch.random.fork_rng(devices=[]):
+            head = HeadEnsemble.from_backbone(backbone, len(schema.types), cfg.vision_head_grid,
+                                              cfg.vision_head_hidden, cfg.vision_head_members).to(dev)
+            head_curve = train_heads(head, h7_tr, defective, type_idx, cfg.vision_head_steps, cfg.vision_head_lr,
+                                     cfg.vision_head_lr_vision, 16, cfg.seed)
         head.to("cpu")
         head_v_va, head_t_va = head_scores(head, h7_va.cpu())
+        member_v_va = [head_scores(m, h7_va.cpu())[0] for m in head.members()]  # each alone, for the report
         del h7_tr, h7_va
     t_feat = time.perf_counter() - t0
     tuned = cfg.vision_tune_from is not None
@@ -481,12 +485,14 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
         (tmp / "teacher.json").write_text(json.dumps(meta.__dict__, indent=2) + "\n")
     dt = time.perf_counter() - t0
     lm_params = sum(q.numel() for q in lm.parameters())
+    member_auc = [auroc(y_va, v) for v in member_v_va]
     res: dict[str, object] = {
         "train_images": len(train), "val_images": len(val), "epochs_run": len(history),
         "initial_val_loss": initial_val_loss, "best_val_loss": best, "val_auroc_lm": auroc(y_va, d_va),
         "val_auroc_anomaly": auc_anom,
         "val_auroc_vision_head": None if head_v_va is None else auroc(y_va, head_v_va),
-        "vision_head_steps": cfg.vision_head_steps,
+        "val_auroc_vision_head_members": member_auc,
+        "vision_head_steps": cfg.vision_head_steps, "vision_head_members": cfg.vision_head_members if head else 0,
         "vision_head_final_loss": head_curve[-1]["loss"] if head_curve else None,
         "val_type_accuracy_vision_head": None if head_t_va is None or tgt is None
         else float((head_t_va[dv].argmax(1) == tgt).mean()),
@@ -512,7 +518,11 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
         rows: list[list[Any]] = [[h["epoch"], h["train_loss"], h["val_loss"], h["val_auroc_lm"]] for h in history]
         auc_rows: list[list[Any]] = [["LM alone (calibrated)", res["val_auroc_lm"]],
                                      ["patch-kNN anomaly alone", auc_anom],
-                                     ["supervised vision head alone", res["val_auroc_vision_head"]],
+                                     [f"supervised vision head alone (mean of {len(member_v_va)})"
+                                      if len(member_v_va) > 1 else "supervised vision head alone",
+                                      res["val_auroc_vision_head"]],
+                                     *([[f"vision head {i + 1} of {len(member_auc)}", a]
+                                        for i, a in enumerate(member_auc)] if len(member_auc) > 1 else []),
                                      ["ensemble (fitted on val)", auc_ens]]
         atomic_write_text(report, "# teacher_sft\n\n"
                           f"SFT of the local teacher (Lite0 -> projector -> SmolLM2-135M + LoRA r={cfg.lora_r}) on "
