@@ -261,3 +261,18 @@ def test_a_head_ensemble_is_the_mean_of_members_trained_from_their_own_seeds(lit
     save_head(ens, tmp_path / HEAD_FILE)
     again = load_head(tmp_path / HEAD_FILE, lite0, ens.config())
     assert len(again.heads) == 2 and np.array_equal(head_scores(again, hv)[0], v)
+
+
+def test_the_head_trains_its_blocks_even_from_a_frozen_backbone():
+    """teacher_sft freezes Lite0 (vision_tune_from: null) before the head copies blocks 8..10; the copies must still
+    train (they once did not: the stage's magnetic-tile heads trained their MLP only)."""
+    from edgeqa.teacher.vision_head import VisionHead, train_head
+
+    frozen = load_lite0().requires_grad_(False)
+    head = VisionHead.from_backbone(frozen, 0, 3, 16)
+    assert all(q.requires_grad for q in head.parameters())
+    before = [q.detach().clone() for q in head.blocks.parameters()]
+    h, y = _h7(32)
+    train_head(head, h, y, np.full(32, -1), steps=5, lr=2e-3, lr_vision=5e-4, batch_size=16, seed=0)
+    assert any(not torch.equal(a, b) for a, b in zip(before, head.blocks.parameters())), "the blocks trained"
+    assert not any(q.requires_grad for q in frozen.parameters()), "the backbone stays frozen"

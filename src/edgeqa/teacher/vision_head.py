@@ -42,6 +42,7 @@ class VisionHead(nn.Module):
     def __init__(self, blocks: Sequence[nn.Module], n_types: int, grid: int, hidden: int):
         super().__init__()
         self.blocks = nn.ModuleList(copy.deepcopy(list(blocks)))
+        self.blocks.requires_grad_(True)  # the copies train even where the teacher froze the backbone they came from
         self.grid, self.n_types, self.hidden = grid, n_types, hidden
         width = 2 * 112  # average and max pooled block-10 channels
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden))
