@@ -10,6 +10,16 @@ from edgeqa.errors import StageError
 from edgeqa.evaluation.metrics import auroc
 from edgeqa.teacher.local import TeacherMeta, ensemble_p, load_tuned_vision
 from edgeqa.teacher.sft import TeacherVision, fit_ensemble
+from edgeqa.teacher.vision_head import (
+    HEAD_FILE,
+    HeadEnsemble,
+    VisionHead,
+    head_scores,
+    load_head,
+    save_head,
+    train_head,
+    train_heads,
+)
 from edgeqa.vlm.vision import lite0_maps, load_lite0
 
 
@@ -189,16 +199,6 @@ def _h7(n, seed=0):
 
 
 def test_the_vision_head_learns_a_verdict_and_round_trips_through_its_file(lite0, tmp_path):
-    from edgeqa.teacher.vision_head import (
-        HEAD_FILE,
-        HeadEnsemble,
-        VisionHead,
-        head_scores,
-        load_head,
-        save_head,
-        train_head,
-    )
-
     torch.manual_seed(0)
     h, y = _h7(64)
     types = np.where(y == 1, np.arange(64) % 4 // 2 + 0, -1)  # two types among the defective rows (0 and 1)
@@ -231,17 +231,6 @@ def test_the_vision_head_learns_a_verdict_and_round_trips_through_its_file(lite0
 
 
 def test_a_head_ensemble_is_the_mean_of_members_trained_from_their_own_seeds(lite0, tmp_path):
-    from edgeqa.teacher.vision_head import (
-        HEAD_FILE,
-        HeadEnsemble,
-        VisionHead,
-        head_scores,
-        load_head,
-        save_head,
-        train_head,
-        train_heads,
-    )
-
     h, y = _h7(48)
     types = np.where(y == 1, np.arange(48) % 4 // 2, -1)
     ens = HeadEnsemble.from_backbone(lite0, 2, 3, 16, members=2)
@@ -266,8 +255,6 @@ def test_a_head_ensemble_is_the_mean_of_members_trained_from_their_own_seeds(lit
 def test_the_head_trains_its_blocks_even_from_a_frozen_backbone():
     """teacher_sft freezes Lite0 (vision_tune_from: null) before the head copies blocks 8..10; the copies must still
     train (they once did not: the stage's magnetic-tile heads trained their MLP only)."""
-    from edgeqa.teacher.vision_head import VisionHead, train_head
-
     frozen = load_lite0().requires_grad_(False)
     head = VisionHead.from_backbone(frozen, 0, 3, 16)
     assert all(q.requires_grad for q in head.parameters())
