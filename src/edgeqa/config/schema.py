@@ -240,6 +240,9 @@ class TeacherConfig(_Section):
     vision_head_grid: int = Field(default=7, ge=1, le=14)
     vision_head_hidden: int = Field(default=256, ge=8, le=4096)
     vision_head_members: int = Field(default=1, ge=1, le=16)  # heads from seeds seed..seed+n-1, averaged
+    # speculative decoding of the reason: drafted tokens checked per LM pass (0: one token a pass); the same
+    # greedy reason either way (edgeqa.vlm.draft)
+    draft_tokens: int = Field(default=0, ge=0, le=32)
 
     @field_validator("token_blocks")
     @classmethod

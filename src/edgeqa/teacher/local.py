@@ -23,6 +23,8 @@ from edgeqa.io import folder_fingerprint
 from edgeqa_runtime.schema import AnswerSchema
 
 VISION_FILE = "vision.safetensors"  # the tuned Lite0 blocks and head of a teacher trained with vision_tune_from
+DRAFTS_FILE = "drafts.json"  # the training answers' token ids, which the reason's drafts are looked up in
+DRAFT_ORDER = 3  # the longest n-gram a draft continues
 
 
 @dataclass
@@ -50,6 +52,7 @@ class TeacherMeta:
     head_mean: float = 0.0  # the head's verdict logit, standardised on val for the ensemble (as lm_mean / lm_std)
     head_std: float = 1.0
     type_head_weight: float = 0.0  # the head's type log-probabilities' weight in the type choice, fitted on val
+    draft_tokens: int = 0  # speculative decoding of the reason from DRAFTS_FILE (0: one token a pass; older folders)
 
     def schema(self) -> AnswerSchema:
         return AnswerSchema(types=tuple(self.types), locations=tuple(self.locations))
@@ -149,6 +152,26 @@ def ensemble_p(meta: TeacherMeta, lm_logit: np.ndarray, anomaly: np.ndarray | No
     return 1 / (1 + np.exp(-s))
 
 
+def load_drafter(path: Path, vocab_size: int) -> Any:
+    """The `NgramDrafter` of a teacher folder's DRAFTS_FILE; a missing, corrupt or foreign file is refused by name."""
+    from edgeqa.vlm.draft import NgramDrafter
+
+    if not path.is_file():
+        raise StageError(f"{path}: missing; teacher.json asks for drafted decoding (draft_tokens > 0), whose "
+                         "n-grams this file holds. Rerun teacher_sft")
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StageError(f"{path}: not readable JSON ({e}); rerun teacher_sft") from e
+    seqs = d.get("sequences") if isinstance(d, dict) else None
+    n = d.get("n") if isinstance(d, dict) else None
+    if not isinstance(n, int) or n < 1 or not isinstance(seqs, list) or not all(
+            isinstance(s, list) and all(isinstance(t, int) and 0 <= t < vocab_size for t in s) for s in seqs):
+        raise StageError(f"{path}: not a drafts file; it must hold {{'n': int >= 1, 'sequences': lists of token "
+                         f"ids in [0, {vocab_size})}}. Rerun teacher_sft")
+    return NgramDrafter(seqs, n)
+
+
 def load_tuned_vision(path: Path, backbone: Any) -> dict[str, Any]:
     """The tuned backbone tensors of a teacher folder, checked against the backbone they go into: a missing
     file, a foreign key or a wrong shape is refused by name rather than half-loaded."""
@@ -200,6 +223,9 @@ class LocalTeacher:
         projector = Projector.from_pretrained(folder / "projector").eval()
         self.model = VisionLM(lm, tok, projector, Layout.build(tok, self.meta.schema()),
                               self.meta.verdict_temperature, self.meta.type_temperature)
+        if self.meta.draft_tokens:
+            self.model.drafter = load_drafter(folder / DRAFTS_FILE, lm.config.vocab_size)
+            self.model.draft_tokens = self.meta.draft_tokens
         self.backbone = teacher_backbone(folder, self.meta.vision_tuned_from)
         self.head = None
         if self.meta.vision_head is not None:

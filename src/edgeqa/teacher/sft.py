@@ -242,6 +242,8 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
 
     from edgeqa.distributed import resolve
     from edgeqa.teacher.local import (
+        DRAFT_ORDER,
+        DRAFTS_FILE,
         VISION_FILE,
         TeacherMeta,
         anomaly_maps,
@@ -431,7 +433,7 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
                        type_temperature=t_type, anomaly=cfg.anomaly, ensemble=ens, anomaly_mean=a_mean,
                        anomaly_std=a_std, token_blocks=list(cfg.token_blocks), vision_tuned_from=cfg.vision_tune_from,
                        lm_mean=lm_mean, lm_std=lm_std, head_mean=h_mean, head_std=h_std,
-                       vision_head=None if head is None else head.config())
+                       vision_head=None if head is None else head.config(), draft_tokens=cfg.draft_tokens)
     # second opinions from the anomaly map for the type and the location, each weighted on val beside the LM's
     type_acc_mix: dict[str, float] | None = None
     type_acc_head: dict[str, float] | None = None
@@ -482,6 +484,9 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
             from edgeqa.teacher.vision_head import HEAD_FILE, save_head
 
             save_head(head, tmp / HEAD_FILE)
+        if cfg.draft_tokens:  # the answers trained on, as the LM saw them: the reason's drafts continue them
+            seqs = [model.layout.answer_ids(a, tok)[0] for a in a_tr]
+            (tmp / DRAFTS_FILE).write_text(json.dumps({"n": DRAFT_ORDER, "sequences": seqs}) + "\n")
         (tmp / "teacher.json").write_text(json.dumps(meta.__dict__, indent=2) + "\n")
     dt = time.perf_counter() - t0
     lm_params = sum(q.numel() for q in lm.parameters())

@@ -19,6 +19,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from edgeqa.errors import StageError
+from edgeqa.vlm.draft import NgramDrafter
 from edgeqa.vlm.scoring import (
     OptionScores,
     first_token_scores,
@@ -188,11 +189,16 @@ class Context:
         last = self.extend(tails)[:, -1, :]
         return score_after(self.lm, last, self.cache, self.mask, option_ids)
 
-    def generate(self, tails: Sequence[Sequence[int]], max_new: int, min_new: int, stops: Sequence[int]
+    def generate(self, tails: Sequence[Sequence[int]], max_new: int, min_new: int, stops: Sequence[int],
+                 drafter: NgramDrafter | None = None, draft_tokens: int = 0
                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Greedy decoding after each row's tail: (tokens (batch, steps), the scores at each step). A stop token
         ends a row (it is kept; later columns are padding); stops are forbidden before `min_new` tokens. The
-        scores are those the choice was made from (stops masked), as `generate(output_scores=True)` gives."""
+        scores are those the choice was made from (stops masked), as `generate(output_scores=True)` gives.
+        With a `drafter` and `draft_tokens` > 0, each pass through the LM checks up to that many drafted tokens
+        per row (`_generate_drafted`): the same greedy tokens and scores in fewer passes."""
+        if drafter is not None and draft_tokens > 0 and max_new > 0:
+            return self._generate_drafted(tails, max_new, min_new, stops, drafter, draft_tokens)
         b = len(tails)
         stop_t = torch.tensor(list(stops), dtype=torch.long, device=self.mask.device)
         done = torch.zeros(b, dtype=torch.bool, device=self.mask.device)
@@ -218,6 +224,83 @@ class Context:
                 self.cache, logits = out.cache, out.logits[:, -1, :]
         return torch.stack(toks, 1), scores
 
+    def _generate_drafted(self, tails: Sequence[Sequence[int]], max_new: int, min_new: int, stops: Sequence[int],
+                          drafter: NgramDrafter, k: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Speculative greedy decoding with drafted tokens (edgeqa.vlm.draft). Each pass feeds every unfinished
+        row its last chosen token and up to `k` drafts after it. The logits at each fed token give the greedy
+        choice of the next one. A row keeps its drafts while they equal those choices, takes the choice after the
+        last kept token as its next token, and hides the rejected drafts' columns (attention mask 0), so later
+        tokens neither see them nor count them as positions. What is generated is exactly what the greedy loop
+        generates, up to the float rounding of a multi-token pass."""
+        b, dev = len(tails), self.mask.device
+        stop_set = set(int(t) for t in stops)
+        stop_t = torch.tensor(sorted(stop_set), dtype=torch.long, device=dev)
+        gen: list[list[int]] = [[] for _ in range(b)]
+        sc: list[list[torch.Tensor]] = [[] for _ in range(b)]
+        done = [False] * b
+        with torch.inference_mode():
+            last = self.extend(tails)[:, -1, :].float()
+            pending = [last[i] for i in range(b)]  # each row's logits for its next token
+
+            def take(i: int, logits: torch.Tensor) -> int:
+                s = logits.float().clone()
+                if len(gen[i]) < min_new:
+                    s[stop_t] = float("-inf")
+                t = int(s.argmax())
+                gen[i].append(t)
+                sc[i].append(s)
+                if t in stop_set or len(gen[i]) >= max_new:
+                    done[i] = True
+                return t
+
+            while True:
+                fed: list[list[int]] = [[] for _ in range(b)]
+                for i in range(b):
+                    if not done[i]:
+                        t = take(i, pending[i])
+                        if not done[i]:
+                            room = max_new - len(gen[i])
+                            fed[i] = [t, *drafter.draft([*tails[i], *gen[i]], min(k, room))]
+                if all(done):
+                    break
+                m = max(len(f) for f in fed)
+                ids = torch.full((b, m), self.pad, dtype=torch.long, device=dev)
+                seg = torch.zeros(b, m, dtype=torch.long, device=dev)
+                for i, f in enumerate(fed):
+                    if f:
+                        ids[i, m - len(f):] = torch.tensor(f, dtype=torch.long, device=dev)
+                        seg[i, m - len(f):] = 1
+                start = self.mask.shape[1]
+                self.mask = torch.cat([self.mask, seg], 1)
+                out = self.lm(input_ids=ids, attention_mask=self.mask, position_ids=positions(self.mask)[:, -m:],
+                              cache=self.cache, use_cache=True, logits_to_keep=m)
+                self.cache = out.cache
+                logits = out.logits
+                for i, f in enumerate(fed):
+                    if not f:
+                        continue
+                    c0 = m - len(f)
+                    kept = 0  # drafts kept
+                    for j in range(1, len(f)):
+                        if done[i] or take(i, logits[i, c0 + j - 1]) != f[j]:
+                            if not done[i]:  # the choice differed from the draft: it is the row's next token,
+                                gen[i].pop()  # taken again from `pending` by the next pass
+                                sc[i].pop()
+                            break
+                        kept += 1
+                    pending[i] = logits[i, c0 + kept]
+                    for j in range(kept + 1, len(f)):  # the rejected drafts' columns
+                        self.mask[i, start + c0 + j] = 0
+        steps = max(len(g) for g in gen)
+        toks = torch.full((b, steps), self.pad, dtype=torch.long)
+        vocab = sc[0][0].shape[-1]
+        scores = [torch.zeros(b, vocab) for _ in range(steps)]
+        for i in range(b):
+            toks[i, :len(gen[i])] = torch.tensor(gen[i], dtype=torch.long)
+            for j, s in enumerate(sc[i]):
+                scores[j][i] = s
+        return toks, scores
+
 
 class VisionLM:
     """Projector + LM (+ tokenizer, layout). The backbone features are computed outside (edgeqa.vlm.vision)."""
@@ -226,6 +309,9 @@ class VisionLM:
                  verdict_temperature: float = 1.0, type_temperature: float = 1.0):
         self.lm, self.tok, self.projector, self.layout = lm, tokenizer, projector, layout
         self.verdict_temperature, self.type_temperature = verdict_temperature, type_temperature
+        # speculative decoding of the reason (edgeqa.vlm.draft): off unless the owner sets both
+        self.drafter: NgramDrafter | None = None
+        self.draft_tokens = 0
 
     # ------------------------------------------------------------------------------------- inputs
     def _embed(self, ids: Sequence[int]) -> torch.Tensor:
@@ -400,7 +486,8 @@ class VisionLM:
         tails = [L.field_ids["verdict"] + L.option("verdict", v) + L.field_ids["type"] + L.option("type", t)
                  + L.field_ids["location"] + L.option("location", loc) + L.field_ids["reason"]
                  for v, t, loc in answers_prefix]
-        seqs, step_scores = ctx.generate(tails, max_reason_tokens, min_reason_tokens, L.stops)
+        seqs, step_scores = ctx.generate(tails, max_reason_tokens, min_reason_tokens, L.stops, self.drafter,
+                                         self.draft_tokens)
         stop_set = set(L.stops)
         preds = []
         for i in range(n):
