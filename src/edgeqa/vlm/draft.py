@@ -35,9 +35,6 @@ class NgramDrafter:
         self.next = {key: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for key, c in counts.items()}
         self.n = n
 
-    def __len__(self) -> int:
-        return len(self.next)
-
     def draft(self, history: Sequence[int], k: int) -> list[int]:
         """Up to `k` guessed next tokens after `history`; fewer (or none) where no suffix of it was seen."""
         h = list(history)
