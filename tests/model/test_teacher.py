@@ -238,3 +238,27 @@ def test_the_lm_reads_the_image(tiny_params, tiny_manifest, base_lm_dir, tmp_pat
     shuf_auc = float(np.mean(shuf))
     print(f"LM alone on {len(y)} images: true {true_auc:.3f}, shuffled {shuf_auc:.3f}; trained in {train_s:.0f} s")
     assert true_auc - shuf_auc >= 0.15, (true_auc, shuf_auc)
+
+
+def test_the_instruction_first_layout_moves_the_instruction_before_the_image(base_lm_dir, tiny_teacher,
+                                                                               tiny_params):
+    """Both layouts hold the same conversation; instruction_first only moves the instruction into `pre`, the part
+    before the image tokens that every image shares (Context runs it once per batch). A teacher records the
+    layout it was trained with in teacher.json and answers with it."""
+    from transformers import AutoTokenizer
+
+    from edgeqa.vlm.model import IM_END, IM_START, Layout
+    from edgeqa_runtime.schema import PROMPT
+
+    tok = AutoTokenizer.from_pretrained(base_lm_dir)
+    schema = AnswerSchema(types=("crack", "scratch"), locations=("upper left", "center"))
+    old, new = Layout.build(tok, schema), Layout.build(tok, schema, instruction_first=True)
+    assert tok.decode(old.pre) == f"{IM_START}user\n"
+    assert tok.decode(old.post) == f"\n{PROMPT}{IM_END}\n{IM_START}assistant\n"
+    assert tok.decode(new.pre) == f"{IM_START}user\n{PROMPT}\n"
+    assert tok.decode(new.post) == f"{IM_END}\n{IM_START}assistant\n"
+    assert len(new.pre) > 3 * len(new.post)  # most of the prompt is now shared
+    assert (new.field_ids, new.options, new.stops) == (old.field_ids, old.options, old.stops)
+    t = LocalTeacher(tiny_teacher["dir"])  # it answers with the layout it was trained with (teacher.json)
+    assert t.meta.instruction_first == tiny_params.teacher.instruction_first == t.model.layout.shared_prefix
+    assert t.model.layout.pre == Layout.build(tok, t.meta.schema(), instruction_first=t.meta.instruction_first).pre

@@ -108,3 +108,98 @@ def test_a_teacher_folder_refuses_a_missing_or_foreign_drafts_file(tmp_path):
         load_drafter(f, 100)
     f.write_text(json.dumps({"n": 2, "sequences": [[1, 2, 3]]}))
     assert load_drafter(f, 100).draft([1], 2) == [2, 3]
+
+
+def test_finished_rows_leave_the_batch_and_the_spent_context_refuses_more_questions():
+    lm = _lm()
+    torch.manual_seed(1)
+    embeds = torch.randn(3, 5, 32)
+    tails = [[3, 4], [5], [6, 7, 8]]
+    plain = _run(lm, embeds, tails, 12, 0, [])
+    stops = [plain[0][0][2]]  # row 0 stops after 3 tokens (the others may too, later or never)
+    ref = _run(lm, embeds, tails, 12, 0, stops)
+    lengths = sorted(len(t) for t, _ in ref)
+    assert lengths[0] < lengths[-1], "rows must end at different steps"
+    rows_fed: list[int] = []
+    forward = lm.forward
+
+    def counted(*a, **kw):
+        ids = kw.get("input_ids")
+        rows_fed.append(len(ids) if ids is not None else len(kw["inputs_embeds"]))
+        return forward(*a, **kw)
+
+    lm.forward = counted
+    ctx = Context(lm, 0, embeds)
+    drafter = NgramDrafter([[(t * 7 + 3) % 48 for t in range(40)]], n=1)  # mostly rejected: many passes
+    toks, scores = ctx.generate(tails, 12, 0, stops, drafter, 2)
+    for i, (t_ref, s_ref) in enumerate(ref):
+        assert toks[i, :len(t_ref)].tolist() == t_ref
+        torch.testing.assert_close(torch.stack([scores[j][i] for j in range(len(t_ref))]), s_ref,
+                                   atol=1e-4, rtol=1e-4)
+    assert rows_fed[:2] == [3, 3] and min(rows_fed) < 3, rows_fed  # the prompt, the tails, then fewer rows
+    with pytest.raises(StageError, match="make a new Context"):
+        ctx.extend([[1]] * 3)
+
+
+def test_a_shared_prefix_run_once_gives_every_row_what_the_whole_prompt_gives():
+    lm = _lm()
+    torch.manual_seed(2)
+    shared, rest = torch.randn(6, 32), torch.randn(3, 5, 32)
+    whole = Context(lm, 0, torch.cat([shared.expand(3, -1, -1), rest], 1))
+    once = Context(lm, 0, rest, shared=shared)
+    tails = [[3, 4], [5], [6, 7, 8]]
+    torch.testing.assert_close(once.extend(tails), whole.extend(tails), atol=1e-5, rtol=1e-5)
+    assert once.mask.shape == whole.mask.shape
+    a, b = Context(lm, 0, rest, shared=shared), Context(lm, 0, torch.cat([shared.expand(3, -1, -1), rest], 1))
+    ta, sa = a.generate(tails, 10, 0, [])
+    tb, sb = b.generate(tails, 10, 0, [])
+    assert ta.tolist() == tb.tolist()
+    torch.testing.assert_close(torch.stack(sa), torch.stack(sb), atol=1e-4, rtol=1e-4)
+
+
+def _vlm(shared: bool):
+    from edgeqa.vlm.model import Layout, Projector, ProjectorConfig, VisionLM
+    from edgeqa_runtime.schema import AnswerSchema
+
+    lm = _lm()
+    torch.manual_seed(4)
+    proj = Projector(ProjectorConfig(in_dim=8, n_tokens=2, lm_hidden=32, hidden=16)).eval()
+    layout = Layout(pre=[1, 2, 3, 4, 5, 6], post=[7, 8], field_ids={}, options={}, end=47,
+                    schema=AnswerSchema(types=(), locations=()), stops=[47], shared_prefix=shared)
+    return VisionLM(lm, None, proj, layout)
+
+
+def test_training_with_a_shared_prefix_gives_the_same_answer_logits_and_gradients():
+    torch.manual_seed(5)
+    tokens = torch.randn(3, 2, 8)
+    seqs = [([9, 10, 11, 47], [0, 1, 0, 0]), ([12, 47], [1, 0]), ([13, 14, 15, 16, 47], [0, 0, 1, 1, 0])]
+    got = []
+    for shared in (False, True):
+        vlm = _vlm(shared)
+        logits, tgt, w, prefix = vlm.answer_logits(tokens, seqs, 5.0)
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 48), tgt.reshape(-1), ignore_index=-100,
+                                               reduction="none").view_as(w)
+        loss = (ce * w).sum() / w.sum()
+        loss.backward()
+        rows = [logits[r, prefix - 1:prefix - 1 + len(ids)] for r, (ids, _) in enumerate(seqs)]
+        grads = [p.grad.clone() for p in vlm.lm.parameters()] + [p.grad.clone() for p in vlm.projector.parameters()
+                                                                   if p.grad is not None]
+        got.append((rows, float(loss.detach()), grads, prefix))
+    (r0, l0, g0, p0), (r1, l1, g1, p1) = got
+    assert p1 == p0 - 6  # the shared columns are not returned
+    for a, b in zip(r0, r1):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    assert abs(l0 - l1) < 1e-5
+    assert len(g0) == len(g1)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+def test_a_shared_prefix_layout_answers_as_the_whole_prompt_does():
+    torch.manual_seed(6)
+    tokens = torch.randn(3, 2, 8)
+    tails = [[9, 10], [11], [12, 13, 14]]
+    a = _vlm(False).context(tokens).generate(tails, 8, 0, [47])
+    b = _vlm(True).context(tokens).generate(tails, 8, 0, [47])
+    assert a[0].tolist() == b[0].tolist()
+    torch.testing.assert_close(torch.stack(b[1]), torch.stack(a[1]), atol=1e-4, rtol=1e-4)

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from edgeqa.errors import StageError
 from edgeqa.evaluation.metrics import auroc
-from edgeqa.teacher.local import TeacherMeta, ensemble_p, load_tuned_vision
+from edgeqa.teacher.local import TeacherMeta, anomaly_maps, ensemble_p, load_tuned_vision
 from edgeqa.teacher.sft import TeacherVision, fit_ensemble
 from edgeqa.teacher.vision_head import (
     HEAD_FILE,
@@ -89,6 +89,19 @@ def test_a_tuned_vision_file_that_does_not_fit_lite0_is_refused_by_name(lite0, t
     good = {k: v.clone() for k, v in lite0.state_dict().items() if k.startswith("_conv_head")}
     save_file(good, str(f))
     assert set(load_tuned_vision(f, lite0)) == set(good)
+
+
+def test_the_anomaly_map_is_each_patchs_distance_to_its_nearest_bank_patch():
+    rng = np.random.default_rng(3)
+    bank = rng.normal(0, 1, (500, 24)).astype(np.float32)
+    patches = rng.normal(0, 1, (5, 49, 24)).astype(np.float32)
+    patches[0, 7] = bank[42]  # a patch that is in the bank: distance 0
+    got = anomaly_maps(patches, bank, rows=64)  # several row chunks, the last one short
+    want = np.sqrt(((patches[:, :, None, :] - bank[None, None]) ** 2).sum(-1)).min(-1)
+    assert got.shape == (5, 49)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-3)
+    assert got[0, 7] < 2e-3
+    assert anomaly_maps(np.zeros((0, 49, 24), np.float32), bank).shape == (0, 49)
 
 
 def test_cell_evidence_puts_each_patch_in_the_grid_cell_of_its_centre():

@@ -243,6 +243,8 @@ class TeacherConfig(_Section):
     # speculative decoding of the reason: drafted tokens checked per LM pass (0: one token a pass); the same
     # greedy reason either way (edgeqa.vlm.draft)
     draft_tokens: int = Field(default=0, ge=0, le=32)
+    # the instruction before the image: the prompt's shared part runs once per batch (Layout.build)
+    instruction_first: bool = False
 
     @field_validator("token_blocks")
     @classmethod

@@ -313,7 +313,7 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
     trained: list[Any] = [lm, proj, backbone]  # on `teacher.device` while training, saved from the CPU
     for m in trained:
         m.to(dev)
-    model = VisionLM(lm, tok, proj, Layout.build(tok, schema))
+    model = VisionLM(lm, tok, proj, Layout.build(tok, schema, instruction_first=cfg.instruction_first))
     x_tr, x_va = torch.from_numpy(ftr["tokens"]).to(dev), torch.from_numpy(fva["tokens"]).to(dev)
 
     def train_tokens(idx: np.ndarray) -> Any:  # with gradients through the tuned blocks
@@ -433,7 +433,8 @@ def run(cfg: TeacherConfig, defect_types: Sequence[str] | None, base_lm_dir: Pat
                        type_temperature=t_type, anomaly=cfg.anomaly, ensemble=ens, anomaly_mean=a_mean,
                        anomaly_std=a_std, token_blocks=list(cfg.token_blocks), vision_tuned_from=cfg.vision_tune_from,
                        lm_mean=lm_mean, lm_std=lm_std, head_mean=h_mean, head_std=h_std,
-                       vision_head=None if head is None else head.config(), draft_tokens=cfg.draft_tokens)
+                       vision_head=None if head is None else head.config(), draft_tokens=cfg.draft_tokens,
+                       instruction_first=cfg.instruction_first)
     # second opinions from the anomaly map for the type and the location, each weighted on val beside the LM's
     type_acc_mix: dict[str, float] | None = None
     type_acc_head: dict[str, float] | None = None

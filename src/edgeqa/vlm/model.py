@@ -91,19 +91,27 @@ class Layout:
     end: int
     schema: AnswerSchema
     stops: list[int]  # end of answer, and every token that contains a line break (the reason is one line)
+    shared_prefix: bool = False  # `pre` holds the instruction: the LM reads it once per batch, not once per image
 
     @classmethod
-    def build(cls, tokenizer: Any, schema: AnswerSchema, prompt: str = PROMPT) -> Layout:
+    def build(cls, tokenizer: Any, schema: AnswerSchema, prompt: str = PROMPT, instruction_first: bool = False
+              ) -> Layout:
+        """The conversation: `pre`, the image tokens, `post`, then the answer. `instruction_first` puts the
+        instruction in `pre` (before the image) instead of `post`: `pre` is then the same for every image and the
+        LM reads it once per batch (`Context`), which is most of the prompt."""
         def enc(s: str) -> list[int]:
             return list(tokenizer.encode(s, add_special_tokens=False))
 
         end = int(tokenizer.convert_tokens_to_ids(IM_END))
         vocab = tokenizer.get_vocab()
         breaks = sorted(i for t, i in vocab.items() if "\n" in tokenizer.convert_tokens_to_string([t]))
-        return cls(pre=enc(f"{IM_START}user\n"), post=enc(f"\n{prompt}{IM_END}\n{IM_START}assistant\n"),
+        pre, post = ((f"{IM_START}user\n{prompt}\n", f"{IM_END}\n{IM_START}assistant\n") if instruction_first
+                     else (f"{IM_START}user\n", f"\n{prompt}{IM_END}\n{IM_START}assistant\n"))
+        return cls(pre=enc(pre), post=enc(post),
                    field_ids={f: enc(AnswerSchema.prefix(f).rstrip()) for f in FIELDS},
                    options={f: option_token_ids(tokenizer, o) for f, o in schema.options().items()},
-                   end=end, schema=schema, stops=[end, *[i for i in breaks if i != end]])
+                   end=end, schema=schema, stops=[end, *[i for i in breaks if i != end]],
+                   shared_prefix=instruction_first)
 
     def option(self, f: str, value: str | None) -> list[int]:
         opts = self.schema.options()[f]
@@ -148,19 +156,32 @@ class Context:
     right after the visible ones. So the image and the prompt, most of every context, run through the LM once
     per image instead of once per field, and the reason is generated from the same cache."""
 
-    def __init__(self, lm: Any, pad_id: int, embeds: torch.Tensor):
+    def __init__(self, lm: Any, pad_id: int, embeds: torch.Tensor, shared: torch.Tensor | None = None):
+        """`embeds` (batch, length, hidden): every row's prompt. `shared` (length, hidden): a prefix that comes
+        before every row's `embeds`; it runs through the LM once, and its cache is copied to every row."""
         self.lm, self.pad = lm, pad_id
-        b = embeds.shape[0]
-        self.mask = torch.ones(b, embeds.shape[1], dtype=torch.long, device=embeds.device)
+        b, dev = embeds.shape[0], embeds.device
+        n0 = 0 if shared is None else shared.shape[0]
+        self.mask = torch.ones(b, n0 + embeds.shape[1], dtype=torch.long, device=dev)
         with torch.inference_mode():
-            out = lm(inputs_embeds=embeds, attention_mask=self.mask, use_cache=True, logits_to_keep=1)
+            cache = None
+            if shared is not None and n0:
+                cache = lm(inputs_embeds=shared[None], attention_mask=self.mask[:1, :n0], use_cache=True,
+                           logits_to_keep=1).cache
+                cache.batch_repeat_interleave(b)
+            out = lm(inputs_embeds=embeds, attention_mask=self.mask, position_ids=positions(self.mask)[:, n0:],
+                     cache=cache, use_cache=True, logits_to_keep=1)
         self.cache = out.cache
         self.rows: list[list[tuple[int, int]]] = [[] for _ in range(b)]  # per row: (column, token id) after the prompt
+        self.spent = False  # a drafted `generate` dropped finished rows from the cache
 
     def extend(self, tails: Sequence[Sequence[int]], keep: int = 1) -> torch.Tensor:
         """Bring each row's context to [prompt][tails[i]]; returns the logits (batch, keep, vocab) at the last
         `keep` positions of the appended block (rows are left-padded inside it, so position -1 is every row's
         last token; keep > 1 is meaningful only when all tails add as many tokens)."""
+        if self.spent:
+            raise StageError("this Context's drafted generate dropped its finished rows; make a new Context "
+                             "(VisionLM.context) to ask it anything more")
         new: list[list[int]] = []
         for i, t in enumerate(tails):
             have, k = self.rows[i], 0
@@ -231,13 +252,16 @@ class Context:
         choice of the next one. A row keeps its drafts while they equal those choices, takes the choice after the
         last kept token as its next token, and hides the rejected drafts' columns (attention mask 0), so later
         tokens neither see them nor count them as positions. What is generated is exactly what the greedy loop
-        generates, up to the float rounding of a multi-token pass."""
+        generates, up to the float rounding of a multi-token pass. Rows that have finished leave the batch (their
+        cache rows are dropped), so a pass costs only the rows still talking; the context is then spent, and
+        `extend` refuses it."""
         b, dev = len(tails), self.mask.device
         stop_set = set(int(t) for t in stops)
         stop_t = torch.tensor(sorted(stop_set), dtype=torch.long, device=dev)
         gen: list[list[int]] = [[] for _ in range(b)]
         sc: list[list[torch.Tensor]] = [[] for _ in range(b)]
         done = [False] * b
+        act = list(range(b))  # the rows in the cache, in its order
         with torch.inference_mode():
             last = self.extend(tails)[:, -1, :].float()
             pending = [last[i] for i in range(b)]  # each row's logits for its next token
@@ -263,34 +287,39 @@ class Context:
                             fed[i] = [t, *drafter.draft([*tails[i], *gen[i]], min(k, room))]
                 if all(done):
                     break
-                m = max(len(f) for f in fed)
-                ids = torch.full((b, m), self.pad, dtype=torch.long, device=dev)
-                seg = torch.zeros(b, m, dtype=torch.long, device=dev)
-                for i, f in enumerate(fed):
-                    if f:
-                        ids[i, m - len(f):] = torch.tensor(f, dtype=torch.long, device=dev)
-                        seg[i, m - len(f):] = 1
+                live = [i for i in act if fed[i]]
+                if len(live) < len(act):  # finished rows leave the batch
+                    where = {i: r for r, i in enumerate(act)}
+                    sel = torch.tensor([where[i] for i in live], dtype=torch.long, device=dev)
+                    self.cache.batch_select_indices(sel)
+                    self.mask = self.mask[sel]
+                    act, self.spent = live, True
+                m = max(len(fed[i]) for i in act)
+                ids = torch.full((len(act), m), self.pad, dtype=torch.long, device=dev)
+                seg = torch.zeros(len(act), m, dtype=torch.long, device=dev)
+                for r, i in enumerate(act):
+                    ids[r, m - len(fed[i]):] = torch.tensor(fed[i], dtype=torch.long, device=dev)
+                    seg[r, m - len(fed[i]):] = 1
                 start = self.mask.shape[1]
                 self.mask = torch.cat([self.mask, seg], 1)
                 out = self.lm(input_ids=ids, attention_mask=self.mask, position_ids=positions(self.mask)[:, -m:],
                               cache=self.cache, use_cache=True, logits_to_keep=m)
                 self.cache = out.cache
                 logits = out.logits
-                for i, f in enumerate(fed):
-                    if not f:
-                        continue
+                for r, i in enumerate(act):
+                    f = fed[i]
                     c0 = m - len(f)
                     kept = 0  # drafts kept
                     for j in range(1, len(f)):
-                        if done[i] or take(i, logits[i, c0 + j - 1]) != f[j]:
+                        if done[i] or take(i, logits[r, c0 + j - 1]) != f[j]:
                             if not done[i]:  # the choice differed from the draft: it is the row's next token,
                                 gen[i].pop()  # taken again from `pending` by the next pass
                                 sc[i].pop()
                             break
                         kept += 1
-                    pending[i] = logits[i, c0 + kept]
+                    pending[i] = logits[r, c0 + kept]
                     for j in range(kept + 1, len(f)):  # the rejected drafts' columns
-                        self.mask[i, start + c0 + j] = 0
+                        self.mask[r, start + c0 + j] = 0
         steps = max(len(g) for g in gen)
         toks = torch.full((b, steps), self.pad, dtype=torch.long)
         vocab = sc[0][0].shape[-1]
@@ -333,13 +362,16 @@ class VisionLM:
         return embeds, mask
 
     def context(self, tokens: torch.Tensor | None = None, img: torch.Tensor | None = None) -> Context:
-        """The batch's prompt run once through the LM (`Context`), from image tokens or projected embeddings."""
+        """The batch's prompt run once through the LM (`Context`), from image tokens or projected embeddings.
+        With a `shared_prefix` layout, `pre` (the same for every image) runs once for the whole batch."""
         if tokens is None and img is None:
             raise ValueError("VisionLM.context needs image tokens or projected image embeddings (img)")
         with torch.inference_mode():
             img = self.projector(tokens) if img is None else img
             b = img.shape[0]
             pre, post = self._embed(self.layout.pre), self._embed(self.layout.post)
+            if self.layout.shared_prefix:
+                return Context(self.lm, self.layout.end, torch.cat([img, post.expand(b, -1, -1)], 1), shared=pre)
             e = torch.cat([pre.expand(b, -1, -1), img, post.expand(b, -1, -1)], 1)
         return Context(self.lm, self.layout.end, e)
 
@@ -356,8 +388,10 @@ class VisionLM:
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """Teacher-forced pass over [pre][image][post][answer ids]: (logits predicting each next token, targets
         (-100 outside the answer), per-token CE weights, prefix length). The logit at column prefix + j - 1
-        predicts answer token j."""
+        predicts answer token j. With a `shared_prefix` layout, `pre` runs through the LM once for the batch (its
+        cache, with gradients, is copied to every row) and the columns returned start after it."""
         img = self.projector(tokens)
+        share = len(self.layout.pre) if self.layout.shared_prefix else 0
         prefix = len(self.layout.pre) + img.shape[1] + len(self.layout.post)
         n = prefix + max(len(s) for s, _ in seqs)
         h = img.shape[-1]
@@ -375,8 +409,15 @@ class VisionLM:
             rw = 1.0 if row_weights is None else float(row_weights[i])
             weights[i, prefix:prefix + len(ids)] = torch.tensor([rw * (key_weight if k else 1.0) for k in key],
                                                                 device=dev)
-        logits = self.lm(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1].float()
-        return logits, labels[:, 1:], weights[:, 1:], prefix
+        if not share:
+            logits = self.lm(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1].float()
+            return logits, labels[:, 1:], weights[:, 1:], prefix
+        cache = self.lm(inputs_embeds=pre[None], attention_mask=mask[:1, :share], use_cache=True,
+                        logits_to_keep=1).cache
+        cache.batch_repeat_interleave(len(seqs))
+        logits = self.lm(inputs_embeds=embeds[:, share:], attention_mask=mask, cache=cache, use_cache=True,
+                         position_ids=positions(mask)[:, share:]).logits[:, :-1].float()
+        return logits, labels[:, share + 1:], weights[:, share + 1:], prefix - share
 
     # ------------------------------------------------------------------------------------ scoring
     def verdict_logits(self, tokens: torch.Tensor) -> tuple[torch.Tensor, Any]:
