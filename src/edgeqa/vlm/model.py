@@ -147,6 +147,15 @@ class Prediction:
     generated_tokens: int = 0
 
 
+def shared_cache(lm: Any, shared: torch.Tensor, rows: int) -> Any:
+    """The LM's KV cache of one prefix (length, hidden) that every row starts with, run once and copied to `rows`
+    rows (with gradients when the caller has them on)."""
+    ones = torch.ones(1, shared.shape[0], dtype=torch.long, device=shared.device)
+    cache = lm(inputs_embeds=shared[None], attention_mask=ones, use_cache=True, logits_to_keep=1).cache
+    cache.batch_repeat_interleave(rows)
+    return cache
+
+
 class Context:
     """A batch of images inside the LM, run once: the KV cache of [pre][image][post], grown by each row's tail.
 
@@ -164,11 +173,7 @@ class Context:
         n0 = 0 if shared is None else shared.shape[0]
         self.mask = torch.ones(b, n0 + embeds.shape[1], dtype=torch.long, device=dev)
         with torch.inference_mode():
-            cache = None
-            if shared is not None and n0:
-                cache = lm(inputs_embeds=shared[None], attention_mask=self.mask[:1, :n0], use_cache=True,
-                           logits_to_keep=1).cache
-                cache.batch_repeat_interleave(b)
+            cache = shared_cache(lm, shared, b) if shared is not None and n0 else None
             out = lm(inputs_embeds=embeds, attention_mask=self.mask, position_ids=positions(self.mask)[:, n0:],
                      cache=cache, use_cache=True, logits_to_keep=1)
         self.cache = out.cache
@@ -412,9 +417,7 @@ class VisionLM:
         if not share:
             logits = self.lm(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1].float()
             return logits, labels[:, 1:], weights[:, 1:], prefix
-        cache = self.lm(inputs_embeds=pre[None], attention_mask=mask[:1, :share], use_cache=True,
-                        logits_to_keep=1).cache
-        cache.batch_repeat_interleave(len(seqs))
+        cache = shared_cache(self.lm, pre, len(seqs))
         logits = self.lm(inputs_embeds=embeds[:, share:], attention_mask=mask, cache=cache, use_cache=True,
                          position_ids=positions(mask)[:, share:]).logits[:, :-1].float()
         return logits, labels[:, share + 1:], weights[:, share + 1:], prefix - share
